@@ -1,0 +1,496 @@
+"""Per-sample weighted multi-adapter LoRA layers (the mixture path).
+
+Inside ``lora_mixture_context(lora_mapping, adapter_names)`` every ``LoraLinear`` computes, for each
+sample ``i`` of the batch (LoraRetriever, Zhao et al. 2024, Sec. 3.3 "mixture of LoRAs"):
+
+    y_i = W x_i + sum_j w_ij * s_j * B_j A_j x_i
+
+where ``w_ij`` is the routing weight of adapter ``j`` for sample ``i`` and ``s_j`` the adapter's scaling
+(``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rsLoRA).
+
+Storage. Each layer keeps all of its adapters in two row banks: ``lora_A_bank[rows, in]`` holds the rows of
+every ``A_j`` one after another, ``lora_B_bank[rows, out]`` the matching columns of ``B_j`` (``B_j`` transposed).
+Row 0 is all zeros and pads ragged gathers. An adapter is a range of rows (its "slot"); a forward reads only
+the rows of the adapters the batch uses, so its cost depends on the batch and k, not on the pool size N.
+
+Kernels (chosen per call, see ``_choose_kernel``):
+
+* ``union``: the union U of rank rows used by the batch, one GEMM ``x @ A_U^T`` and one ``@ B_U``, with a
+  per-sample coefficient matrix ``C[sample, row]`` (zero where a sample doesn't use a row). Best when the
+  batch shares adapters and for single-token decode; the gathered ``A_U``/``B_U`` are cached for the whole
+  context, so decode steps pay no gather.
+* ``gather``: per sample, gather its own ``L`` rows (``[batch, L, in]``) and use two ``bmm``. Best for long
+  sequences when samples use different adapters (FLOPs ~ batch * T * L instead of batch * T * |U|).
+
+Routing lives in a ``contextvars.ContextVar``: threads and asyncio tasks each see their own routing.
+Outside a context a layer applies its active adapters (PEFT-style), or nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+__all__ = [
+    "LoraLinear",
+    "LoraRouting",
+    "current_routing",
+    "lora_mixture_context",
+]
+
+# ----------------------------------------------------------------------------------------------------------
+# Routing: which adapters, with which weights, for every sample of the batch.
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoraRouting:
+    """Sparse per-sample routing over named adapters.
+
+    Attributes:
+        adapter_names: the adapters the indices refer to.
+        indices: ``[batch, k]`` long tensor of positions in ``adapter_names``; ``-1`` marks an empty slot.
+        weights: ``[batch, k]`` float32 tensor; the weight of each slot (ignored where the index is -1).
+    """
+
+    adapter_names: tuple[str, ...]
+    indices: torch.Tensor
+    weights: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.indices.shape[0]
+
+    @classmethod
+    def from_dense(cls, lora_mapping: torch.Tensor, adapter_names: Sequence[str]) -> LoraRouting:
+        """Build from the paper's dense ``[batch, len(adapter_names)]`` weight matrix (0 = unused).
+
+        Raises:
+            ValueError: if the mapping is not 2-D, its width differs from ``len(adapter_names)``, or it
+                holds NaN/inf.
+        """
+        names = _check_names(adapter_names)
+        mapping = torch.as_tensor(lora_mapping)
+        if mapping.dim() != 2 or mapping.shape[1] != len(names):
+            raise ValueError(
+                f"lora_mapping must have shape [batch, len(adapter_names)] = [batch, {len(names)}], got "
+                f"{tuple(mapping.shape)}. Pass one column per adapter name (0 = adapter unused)."
+            )
+        mapping = mapping.detach().to("cpu", torch.float32)
+        _check_finite(mapping, "lora_mapping")
+        k = max(int((mapping != 0).sum(dim=1).max().item()) if mapping.numel() else 0, 1)
+        weights, order = torch.sort(mapping.abs(), dim=1, descending=True, stable=True)
+        order = order[:, :k]
+        weights = torch.gather(mapping, 1, order)
+        indices = torch.where(weights != 0, order, torch.full_like(order, -1))
+        return cls(names, indices.contiguous(), weights.contiguous())
+
+    @classmethod
+    def from_sparse(
+        cls, indices: torch.Tensor, weights: torch.Tensor, adapter_names: Sequence[str]
+    ) -> LoraRouting:
+        """Build from per-sample ``indices`` ``[batch, k]`` (``-1`` = empty) and ``weights`` ``[batch, k]``.
+
+        Raises:
+            ValueError: on shape mismatch, an index outside ``[-1, len(adapter_names))`` or NaN/inf weights.
+        """
+        names = _check_names(adapter_names)
+        idx = torch.as_tensor(indices).detach().to("cpu")
+        w = torch.as_tensor(weights).detach().to("cpu", torch.float32)
+        if idx.dim() != 2 or idx.shape != w.shape:
+            raise ValueError(
+                f"sparse routing needs indices and weights of the same shape [batch, k]; got indices "
+                f"{tuple(idx.shape)} and weights {tuple(w.shape)}."
+            )
+        if idx.dtype.is_floating_point or idx.dtype == torch.bool:
+            raise ValueError(f"routing indices must be integers, got dtype {idx.dtype}.")
+        idx = idx.long()
+        bad = (idx < -1) | (idx >= len(names))
+        if bad.any():
+            value = int(idx[bad][0])
+            raise ValueError(
+                f"routing index {value} is out of range for {len(names)} adapter names; use 0..{len(names) - 1}, "
+                "or -1 for an empty slot."
+            )
+        _check_finite(w, "routing weights")
+        w = torch.where(idx >= 0, w, torch.zeros_like(w))
+        return cls(names, idx.contiguous(), w.contiguous())
+
+    def to_dense(self) -> torch.Tensor:
+        """The ``[batch, len(adapter_names)]`` weight matrix (repeated indices add up)."""
+        dense = torch.zeros(self.batch_size, len(self.adapter_names))
+        valid = self.indices >= 0
+        rows = torch.arange(self.batch_size).unsqueeze(1).expand_as(self.indices)
+        dense.index_put_((rows[valid], self.indices[valid]), self.weights[valid], accumulate=True)
+        return dense
+
+    def used_names(self) -> list[str]:
+        """Names of the adapters with a non-zero weight somewhere in the batch, in column order."""
+        used = torch.unique(self.indices[(self.indices >= 0) & (self.weights != 0)])
+        return [self.adapter_names[i] for i in used.tolist()]
+
+
+def _check_names(adapter_names: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(adapter_names, str):
+        raise ValueError(f"adapter_names must be a sequence of names, got the string {adapter_names!r}.")
+    names = tuple(adapter_names)
+    if len(set(names)) != len(names):
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"adapter_names has duplicates: {dupes}. Give each column a distinct adapter.")
+    return names
+
+
+def _check_finite(t: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{what} contains NaN or inf; routing weights must be finite numbers.")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The context: routing + per-layer plans, private to the current thread / task.
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _MixtureState:
+    routing: LoraRouting
+    row_index: dict[str, torch.Tensor]
+    # Routing as a dense [batch, n_used] matrix over the adapters it actually uses.
+    used_names: list[str] = field(init=False)
+    used_weights: torch.Tensor = field(init=False)
+    plans: dict[tuple, _LayoutPlan] = field(default_factory=dict)  # shared by layers with one layout
+    tensors: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # per-layer gathered rows
+
+    def __post_init__(self) -> None:
+        dense = self.routing.to_dense()
+        used = (dense != 0).any(dim=0).nonzero().flatten()
+        self.used_names = [self.routing.adapter_names[i] for i in used.tolist()]
+        self.used_weights = dense[:, used].contiguous()
+
+
+_MIXTURE: ContextVar[_MixtureState | None] = ContextVar("lora_mixture", default=None)
+
+
+@contextlib.contextmanager
+def lora_mixture_context(
+    lora_mapping: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | LoraRouting,
+    adapter_names: Sequence[str] | None = None,
+    *,
+    row_index: Mapping[str, torch.Tensor] | None = None,
+) -> Iterator[LoraRouting]:
+    """Route every LoRA layer per sample for the duration of the block (prefill and every decode step).
+
+    Args:
+        lora_mapping: either the dense ``[batch, len(adapter_names)]`` weight tensor (0 = unused), a sparse
+            ``(indices, weights)`` pair of ``[batch, k]`` tensors (index ``-1`` = empty slot), or a
+            ``LoraRouting``.
+        adapter_names: the adapter names the columns / indices refer to (not needed for a ``LoraRouting``).
+        row_index: for activations whose leading dimension is not the batch (e.g. a vision tower that sees
+            all images' patches as rows), a map from a module-name prefix to a long tensor giving the sample
+            of every leading row. The longest matching prefix wins. ``swift.llm`` builds it for VLMs.
+
+    Yields:
+        The ``LoraRouting`` in force.
+
+    Every layer checks that the adapters named exist in it or in some layer of the model; an adapter that
+    targets other modules simply contributes nothing here. Contexts nest: the innermost one wins.
+    """
+    routing = _as_routing(lora_mapping, adapter_names)
+    rows = {}
+    for prefix, index in (row_index or {}).items():
+        index = torch.as_tensor(index).detach().to("cpu").long().flatten()
+        if index.numel() and (index.min() < 0 or index.max() >= routing.batch_size):
+            raise ValueError(
+                f"row_index[{prefix!r}] refers to samples outside 0..{routing.batch_size - 1}; every row must "
+                "name the sample (batch position) it belongs to."
+            )
+        rows[prefix] = index
+    token = _MIXTURE.set(_MixtureState(routing, rows))
+    try:
+        yield routing
+    finally:
+        _MIXTURE.reset(token)
+
+
+def current_routing() -> LoraRouting | None:
+    """The routing of the innermost active ``lora_mixture_context`` in this thread/task, or ``None``."""
+    state = _MIXTURE.get()
+    return None if state is None else state.routing
+
+
+def _as_routing(
+    lora_mapping: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | LoraRouting,
+    adapter_names: Sequence[str] | None,
+) -> LoraRouting:
+    if isinstance(lora_mapping, LoraRouting):
+        if adapter_names is not None and tuple(adapter_names) != lora_mapping.adapter_names:
+            raise ValueError("adapter_names differs from the names inside the LoraRouting; pass only one.")
+        return lora_mapping
+    if adapter_names is None:
+        raise ValueError("adapter_names is required with a tensor lora_mapping: one name per column/index.")
+    if isinstance(lora_mapping, tuple | list) and len(lora_mapping) == 2:
+        return LoraRouting.from_sparse(lora_mapping[0], lora_mapping[1], adapter_names)
+    return LoraRouting.from_dense(lora_mapping, adapter_names)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Plans: the index work that depends only on (routing, a layer's slot layout), shared across layers.
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _LayoutPlan:
+    union_rows: torch.Tensor  # [R_U] rows of the bank used by the batch
+    union_coef: torch.Tensor  # [batch, R_U] w_ij * s_j for each sample and union row
+    max_rows: int  # L: most rank rows used by one sample
+    gather_rows: torch.Tensor | None = None  # [batch, L] rows per sample (0 = zero pad), built lazily
+    gather_coef: torch.Tensor | None = None  # [batch, L]
+
+    def build_gather(self) -> None:
+        """Per-sample row lists, padded to ``max_rows`` with the zero row 0."""
+        batch = self.union_coef.shape[0]
+        rows = torch.zeros(batch, self.max_rows, dtype=torch.long)
+        coef = torch.zeros(batch, self.max_rows, dtype=self.union_coef.dtype)
+        for i in range(batch):
+            nz = (self.union_coef[i] != 0).nonzero().flatten()
+            rows[i, : nz.numel()] = self.union_rows[nz]
+            coef[i, : nz.numel()] = self.union_coef[i, nz]
+        self.gather_rows, self.gather_coef = rows, coef
+
+
+def _make_plan(layout: tuple[tuple[int, int, int, float], ...], used_weights: torch.Tensor) -> _LayoutPlan:
+    """``layout`` lists (used column, first row, rank, scaling) for the used adapters present in a layer."""
+    starts = [torch.arange(start, start + r) for _, start, r, _ in layout]
+    union_rows = torch.cat(starts) if starts else torch.zeros(0, dtype=torch.long)
+    columns = torch.tensor([col for col, _, _, _ in layout], dtype=torch.long)
+    ranks = torch.tensor([r for _, _, r, _ in layout], dtype=torch.long)
+    scalings = torch.tensor([s for _, _, _, s in layout], dtype=torch.float32)
+    scaled = used_weights[:, columns] * scalings  # [batch, present adapters]
+    union_coef = scaled.repeat_interleave(ranks, dim=1).contiguous()  # [batch, R_U]
+    per_sample = ((union_coef != 0).sum(dim=1)).max().item() if union_coef.numel() else 0
+    return _LayoutPlan(union_rows, union_coef, int(per_sample))
+
+
+# Kernel selection (measured with benchmarks/bench_mixture.py; see docs/decisions.md): gather + bmm wins
+# for sequences once the union of rows is clearly wider than one sample's rows.
+GATHER_MIN_TOKENS = 8
+GATHER_MIN_UNION_RATIO = 2.0
+
+
+def _choose_kernel(tokens_per_row: int, plan: _LayoutPlan, per_sample_rows: bool) -> str:
+    if not per_sample_rows or tokens_per_row < GATHER_MIN_TOKENS:
+        return "union"
+    if plan.union_rows.numel() < GATHER_MIN_UNION_RATIO * plan.max_rows:
+        return "union"
+    return "gather"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The layer.
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AdapterSlot:
+    """Where one adapter lives in a layer's banks, and its scaling ``s``."""
+
+    start: int
+    r: int
+    scaling: float
+    dropout: float
+
+
+class LoraLinear(nn.Module):
+    """An ``nn.Linear`` with a pool of LoRA adapters, per-sample mixture routing and PEFT-style activation.
+
+    Args:
+        base_layer: the frozen linear layer.
+        module_name: the layer's name inside the model (used for row maps and error messages).
+        lora_dtype: dtype of the adapter banks and of the LoRA accumulation (fp32 by default).
+    """
+
+    def __init__(self, base_layer: nn.Linear, module_name: str, *, lora_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"LoraLinear wraps nn.Linear; {module_name} is {type(base_layer).__name__}.")
+        self.base_layer = base_layer
+        self.module_name = module_name
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self.lora_dtype = lora_dtype
+        self.slots: dict[str, AdapterSlot] = {}
+        self.active_adapters: tuple[str, ...] = ()
+        self.disable_adapters = False
+        # Vision-tower layers see images (or patches) as rows, never the text batch: under a mixture they
+        # need an explicit row_index (set by SwiftModel for known vision towers).
+        self.requires_row_index = False
+        self._rows_used = 1  # row 0 is the zero pad row
+        device = base_layer.weight.device
+        self.register_buffer("lora_A_bank", torch.zeros(1, self.in_features, dtype=lora_dtype, device=device), persistent=False)
+        self.register_buffer("lora_B_bank", torch.zeros(1, self.out_features, dtype=lora_dtype, device=device), persistent=False)
+
+    # -- adapters -----------------------------------------------------------------------------------------
+
+    def add_adapter(
+        self, adapter_name: str, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, dropout: float = 0.0
+    ) -> None:
+        """Append one adapter: ``lora_A`` ``[r, in]``, ``lora_B`` ``[out, r]`` (PEFT's layouts)."""
+        if adapter_name in self.slots:
+            raise ValueError(f"{self.module_name} already holds an adapter named {adapter_name!r}.")
+        r = lora_A.shape[0]
+        if lora_A.shape != (r, self.in_features) or lora_B.shape != (self.out_features, r):
+            raise ValueError(
+                f"{self.module_name}: adapter {adapter_name!r} has lora_A {tuple(lora_A.shape)} and lora_B "
+                f"{tuple(lora_B.shape)}; this layer needs [r, {self.in_features}] and [{self.out_features}, r]."
+            )
+        self._reserve(r)
+        start = self._rows_used
+        with torch.no_grad():
+            self.lora_A_bank[start : start + r].copy_(lora_A)
+            self.lora_B_bank[start : start + r].copy_(lora_B.t())
+        self._rows_used += r
+        self.slots[adapter_name] = AdapterSlot(start, r, float(scaling), float(dropout))
+
+    def _reserve(self, extra_rows: int) -> None:
+        """Grow the banks geometrically, so loading N adapters costs O(N) copies overall."""
+        needed = self._rows_used + extra_rows
+        capacity = self.lora_A_bank.shape[0]
+        if needed <= capacity:
+            return
+        new_capacity = max(needed, 2 * capacity)
+        for name in ("lora_A_bank", "lora_B_bank"):
+            old = getattr(self, name)
+            new = torch.zeros(new_capacity, old.shape[1], dtype=old.dtype, device=old.device)
+            new[: self._rows_used] = old[: self._rows_used]
+            setattr(self, name, new)
+
+    def lora_weights(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of one adapter's ``(lora_A [r, in], lora_B [out, r])``."""
+        slot = self.slots[adapter_name]
+        rows = slice(slot.start, slot.start + slot.r)
+        return self.lora_A_bank[rows], self.lora_B_bank[rows].t()
+
+    # -- forward ------------------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        state = _MIXTURE.get()
+        if state is not None:
+            delta = self._mixture_delta(x, state)
+        elif self.active_adapters and not self.disable_adapters:
+            delta = self._active_delta(x)
+        else:
+            return result
+        if delta is None:
+            return result
+        return result + delta.to(result.dtype)
+
+    def _active_delta(self, x: torch.Tensor) -> torch.Tensor | None:
+        """PEFT-style: the sum of the active adapters, each with its scaling (dropout in training only)."""
+        xl = x.to(self.lora_dtype)
+        delta = None
+        for name in self.active_adapters:
+            slot = self.slots.get(name)
+            if slot is None:
+                continue
+            lora_A, lora_B = self.lora_weights(name)
+            xa = nn.functional.dropout(xl, slot.dropout, self.training) if slot.dropout else xl
+            term = (xa @ lora_A.t()) @ lora_B.t() * slot.scaling
+            delta = term if delta is None else delta + term
+        return delta
+
+    def _mixture_delta(self, x: torch.Tensor, state: _MixtureState) -> torch.Tensor | None:
+        plan = self._plan(state)
+        if plan is None:
+            return None  # no adapter of this batch lives in this layer: exactly the base layer
+        samples = self._row_samples(x, state)  # [lead] sample of every leading row, or None = identity
+        lead = x.shape[0]
+        x3 = x.reshape(lead, -1, self.in_features).to(self.lora_dtype)  # [lead, T, in]
+        tokens = x3.shape[1]
+        kernel = _choose_kernel(tokens, plan, per_sample_rows=samples is None)
+        cache = state.tensors.setdefault(id(self), {})
+        if kernel == "gather":
+            if plan.gather_rows is None:
+                plan.build_gather()
+            rows = plan.gather_rows.to(self.lora_A_bank.device)
+            a_sel = self.lora_A_bank[rows]  # [batch, L, in]
+            b_sel = self.lora_B_bank[rows]  # [batch, L, out]
+            coef = plan.gather_coef.to(x3.device, self.lora_dtype)
+            hidden = torch.bmm(x3, a_sel.transpose(1, 2)) * coef.unsqueeze(1)  # [batch, T, L]
+            delta = torch.bmm(hidden, b_sel)  # [batch, T, out]
+        else:
+            if "a_union" not in cache:  # gathered once per context: decode steps reuse it
+                rows = plan.union_rows.to(self.lora_A_bank.device)
+                cache["a_union"] = self.lora_A_bank[rows]  # [R_U, in]
+                cache["b_union"] = self.lora_B_bank[rows]  # [R_U, out]
+                cache["coef"] = plan.union_coef.to(x3.device, self.lora_dtype)  # [batch, R_U]
+            coef = cache["coef"] if samples is None else cache["coef"][samples]  # [lead, R_U]
+            hidden = torch.matmul(x3, cache["a_union"].t()) * coef.unsqueeze(1)  # [lead, T, R_U]
+            delta = torch.matmul(hidden, cache["b_union"])  # [lead, T, out]
+        return delta.reshape(*x.shape[:-1], self.out_features)
+
+    def _plan(self, state: _MixtureState) -> _LayoutPlan | None:
+        layout = tuple(
+            (col, slot.start, slot.r, slot.scaling)
+            for col, name in enumerate(state.used_names)
+            if (slot := self.slots.get(name)) is not None
+        )
+        if not layout:
+            return None
+        plan = state.plans.get(layout)
+        if plan is None:
+            plan = state.plans[layout] = _make_plan(layout, state.used_weights)
+        return plan
+
+    def _row_samples(self, x: torch.Tensor, state: _MixtureState) -> torch.Tensor | None:
+        """Sample index of every leading row of ``x``; ``None`` when the leading dim is the batch itself."""
+        batch = state.routing.batch_size
+        lead = x.shape[0]
+        prefix = _longest_prefix(self.module_name, state.row_index)
+        if prefix is not None:
+            samples = state.row_index[prefix]
+            if samples.numel() != lead:
+                raise ValueError(
+                    f"row_index[{prefix!r}] has {samples.numel()} rows but {self.module_name} received an "
+                    f"activation with leading dimension {lead} (shape {tuple(x.shape)})."
+                )
+            return samples.to(x.device)
+        if self.requires_row_index:
+            raise ValueError(
+                f"{self.module_name} is part of a vision tower: its rows are images or patches, not samples. "
+                "Pass row_index={prefix: sample_of_each_row} to lora_mixture_context (swift.llm.inference and "
+                "swift.llm.vision_row_index build it from the processor outputs)."
+            )
+        if x.dim() >= 3 and lead == batch:
+            return None
+        if x.dim() >= 3 and batch > 0 and lead % batch == 0:
+            # generate(num_beams=n / num_return_sequences=n) repeats every sample n times in a row.
+            return torch.arange(batch, device=x.device).repeat_interleave(lead // batch)
+        if x.dim() == 2 and lead == batch:
+            return None
+        raise ValueError(
+            f"{self.module_name} received an activation of shape {tuple(x.shape)} under a mixture routing for "
+            f"{batch} samples: its leading dimension doesn't match the batch. Pass row_index={{prefix: "
+            "sample_of_each_row}} to lora_mixture_context (swift.llm does this for vision towers)."
+        )
+
+    def extra_repr(self) -> str:
+        return f"module_name={self.module_name!r}, adapters={list(self.slots)}, active={list(self.active_adapters)}"
+
+
+def _longest_prefix(name: str, prefixes: Mapping[str, torch.Tensor]) -> str | None:
+    best = None
+    for prefix in prefixes:
+        if (name == prefix or name.startswith(prefix + ".")) and (best is None or len(prefix) > len(best)):
+            best = prefix
+    return best
+
+
+def lora_scaling(lora_alpha: float, r: int, use_rslora: bool) -> float:
+    """``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rsLoRA (Kalajdzievski 2023)."""
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
