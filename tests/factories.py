@@ -53,7 +53,9 @@ def make_lora_dir(
     """Save a PEFT LoRA adapter with random (non-zero) A and B for ``base`` to ``path``."""
     torch.manual_seed(seed)
     target = target_modules if isinstance(target_modules, str) else list(target_modules)
-    config = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=target, use_rslora=use_rslora, **config_kwargs)
+    config = LoraConfig(
+        r=r, lora_alpha=lora_alpha, target_modules=target, use_rslora=use_rslora, **config_kwargs
+    )
     peft_model = get_peft_model(copy.deepcopy(base), config)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():

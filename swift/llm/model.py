@@ -97,7 +97,9 @@ def get_model_tokenizer(
         raise ValueError(f"unknown model_type {model_type!r}; choose one of {sorted(MODEL_TYPES)} or 'auto'.")
     if model_path is None:
         if model_type != DEFAULT_MODEL_TYPE:
-            raise ValueError(f"model_type {model_type!r} needs model_path (a local directory); nothing is downloaded.")
+            raise ValueError(
+                f"model_type {model_type!r} needs model_path (a local directory); nothing is downloaded."
+            )
         path = smollm2_hf_dir()
     else:
         path = _require_dir(model_path)
@@ -120,7 +122,9 @@ def get_model_tokenizer(
         kwargs["trust_remote_code"] = True
     model = model_cls.from_pretrained(str(path), **kwargs).to(device).eval()
     if info.is_multimodal:
-        processor = transformers.AutoProcessor.from_pretrained(str(path), trust_remote_code=info.needs_remote_code)
+        processor = transformers.AutoProcessor.from_pretrained(
+            str(path), trust_remote_code=info.needs_remote_code
+        )
         tokenizer = getattr(processor, "tokenizer", processor)
     else:
         processor = tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
@@ -152,7 +156,9 @@ def _detect_model_type(path: Path) -> str:
     for info in MODEL_TYPES.values():
         if info.model_type != DEFAULT_MODEL_TYPE and hf_type in info.hf_model_types:
             return info.model_type
-    raise ValueError(f"{path}: config.json model_type {hf_type!r} is not supported; supported: {sorted(MODEL_TYPES)}.")
+    raise ValueError(
+        f"{path}: config.json model_type {hf_type!r} is not supported; supported: {sorted(MODEL_TYPES)}."
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -188,7 +194,9 @@ def smollm2_hf_dir() -> Path:
     gguf = _smollm2_gguf()
     logger.info("converting %s to an fp32 Hugging Face directory at %s (once, ~20 s)", gguf.name, target)
     start = time.perf_counter()
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    )
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # transformers 5 refuses save_pretrained while the GGUF quantizer marker is set; the weights are fp32.
     model.hf_quantizer = None

@@ -331,13 +331,24 @@ class LoraLinear(nn.Module):
         self.requires_row_index = False
         self._rows_used = 1  # row 0 is the zero pad row
         device = base_layer.weight.device
-        self.register_buffer("lora_A_bank", torch.zeros(1, self.in_features, dtype=lora_dtype, device=device), persistent=False)
-        self.register_buffer("lora_B_bank", torch.zeros(1, self.out_features, dtype=lora_dtype, device=device), persistent=False)
+        self.register_buffer(
+            "lora_A_bank", torch.zeros(1, self.in_features, dtype=lora_dtype, device=device), persistent=False
+        )
+        self.register_buffer(
+            "lora_B_bank",
+            torch.zeros(1, self.out_features, dtype=lora_dtype, device=device),
+            persistent=False,
+        )
 
     # -- adapters -----------------------------------------------------------------------------------------
 
     def add_adapter(
-        self, adapter_name: str, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, dropout: float = 0.0
+        self,
+        adapter_name: str,
+        lora_A: torch.Tensor,
+        lora_B: torch.Tensor,
+        scaling: float,
+        dropout: float = 0.0,
     ) -> None:
         """Append one adapter: ``lora_A`` ``[r, in]``, ``lora_B`` ``[out, r]`` (PEFT's layouts)."""
         if adapter_name in self.slots:

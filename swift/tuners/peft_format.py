@@ -24,7 +24,9 @@ CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
 
-_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
+_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$"
+)
 
 
 class AdapterLoadError(ValueError):
@@ -78,7 +80,10 @@ class LoraAdapterConfig:
             "bias": (data.get("bias", "none") not in ("none", None), f"bias={data.get('bias')!r}"),
             "lora_bias": (bool(data.get("lora_bias")), "lora_bias=True"),
             "fan_in_fan_out": (bool(data.get("fan_in_fan_out")), "fan_in_fan_out (Conv1D) adapters"),
-            "modules_to_save": (bool(data.get("modules_to_save")), f"modules_to_save={data.get('modules_to_save')}"),
+            "modules_to_save": (
+                bool(data.get("modules_to_save")),
+                f"modules_to_save={data.get('modules_to_save')}",
+            ),
         }
         for key, (bad, what) in unsupported.items():
             if bad:
@@ -141,7 +146,9 @@ def target_module_matches(config: LoraAdapterConfig, module_name: str, is_output
     if excl:
         if isinstance(excl, str) and re.fullmatch(excl, module_name):
             return False
-        if not isinstance(excl, str) and (module_name in excl or any(module_name.endswith("." + e) for e in excl)):
+        if not isinstance(excl, str) and (
+            module_name in excl or any(module_name.endswith("." + e) for e in excl)
+        ):
             return False
     targets = config.target_modules
     if targets is None:
@@ -165,7 +172,9 @@ def target_module_matches(config: LoraAdapterConfig, module_name: str, is_output
     return found
 
 
-def read_adapter_dir(adapter_dir: str | Path) -> tuple[LoraAdapterConfig, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+def read_adapter_dir(
+    adapter_dir: str | Path,
+) -> tuple[LoraAdapterConfig, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """Read and validate a PEFT LoRA directory.
 
     Returns:
@@ -213,7 +222,9 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
         if not isinstance(state, dict):
             raise AdapterLoadError(f"{bin_path} does not hold a state dict.")
         return state
-    raise FileNotFoundError(f"{path} has no weights file: expected {SAFETENSORS_NAME} (or legacy {BIN_NAME}).")
+    raise FileNotFoundError(
+        f"{path} has no weights file: expected {SAFETENSORS_NAME} (or legacy {BIN_NAME})."
+    )
 
 
 def _pair_weights(
@@ -228,7 +239,9 @@ def _pair_weights(
                 "(no embeddings, biases, DoRA magnitudes or modules_to_save)."
             )
         if not tensor.is_floating_point():
-            raise AdapterLoadError(f"{path}: {key} has dtype {tensor.dtype}; LoRA weights must be floating point.")
+            raise AdapterLoadError(
+                f"{path}: {key} has dtype {tensor.dtype}; LoRA weights must be floating point."
+            )
         halves.setdefault(match["module"], {})[match["ab"]] = tensor
     if not halves:
         raise AdapterLoadError(f"{path}: the weights file holds no LoRA weights.")
@@ -254,4 +267,3 @@ def _pair_weights(
             )
         pairs[module] = (lora_A, lora_B)
     return pairs
-

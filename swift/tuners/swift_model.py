@@ -17,7 +17,12 @@ import torch
 from torch import nn
 
 from swift.tuners.lora_layers import LoraLinear, LoraRouting, lora_mixture_context
-from swift.tuners.peft_format import AdapterLoadError, LoraAdapterConfig, read_adapter_dir, target_module_matches
+from swift.tuners.peft_format import (
+    AdapterLoadError,
+    LoraAdapterConfig,
+    read_adapter_dir,
+    target_module_matches,
+)
 from swift.utils import get_logger
 
 logger = get_logger(__name__)
@@ -127,7 +132,9 @@ class SwiftModel(nn.Module):
         """Linear-like modules by name; a LoraLinear stands for its wrapped base layer."""
         modules = {}
         for name, module in self.base_model.named_modules():
-            if name.endswith(".base_layer") and isinstance(self.base_model.get_submodule(name[: -len(".base_layer")]), LoraLinear):
+            if name.endswith(".base_layer") and isinstance(
+                self.base_model.get_submodule(name[: -len(".base_layer")]), LoraLinear
+            ):
                 continue
             modules[name] = module
         return modules
@@ -164,7 +171,11 @@ class SwiftModel(nn.Module):
     def _check_complete(
         self, config: LoraAdapterConfig, placed: Mapping[str, object], adapter_dir: str | Path
     ) -> None:
-        output = self.base_model.get_output_embeddings() if hasattr(self.base_model, "get_output_embeddings") else None
+        output = (
+            self.base_model.get_output_embeddings()
+            if hasattr(self.base_model, "get_output_embeddings")
+            else None
+        )
         for name, module in self._named_linear_candidates().items():
             linear = module.base_layer if isinstance(module, LoraLinear) else module
             if not isinstance(linear, nn.Linear) or name in placed:
@@ -203,7 +214,13 @@ class SwiftModel(nn.Module):
 
     def set_active_adapters(self, adapter_names: str | Sequence[str] | None) -> None:
         """Adapters applied outside a mixture context (summed, each with its own scaling); None = base."""
-        names = () if adapter_names is None else (adapter_names,) if isinstance(adapter_names, str) else tuple(adapter_names)
+        names = (
+            ()
+            if adapter_names is None
+            else (adapter_names,)
+            if isinstance(adapter_names, str)
+            else tuple(adapter_names)
+        )
         for name in names:
             if name not in self.adapter_configs:
                 raise ValueError(f"unknown adapter {name!r}; loaded adapters: {self.adapter_names}.")
@@ -235,7 +252,9 @@ class SwiftModel(nn.Module):
         names = lora_mapping.adapter_names if isinstance(lora_mapping, LoraRouting) else adapter_names
         unknown = [n for n in names or () if n not in self.adapter_configs]
         if unknown:
-            raise ValueError(f"routing names adapters that are not loaded: {unknown}; loaded: {self.adapter_names}.")
+            raise ValueError(
+                f"routing names adapters that are not loaded: {unknown}; loaded: {self.adapter_names}."
+            )
         return lora_mixture_context(lora_mapping, adapter_names, row_index=row_index)
 
 
@@ -271,7 +290,9 @@ class Swift:
             The ``SwiftModel`` (the same object when ``model`` already is one).
         """
         if type(model).__name__ == "PeftModel" or hasattr(model, "peft_config"):
-            raise ValueError("model is already a PEFT model; pass the plain base model to Swift.from_pretrained.")
+            raise ValueError(
+                "model is already a PEFT model; pass the plain base model to Swift.from_pretrained."
+            )
         swift_model = model if isinstance(model, SwiftModel) else SwiftModel(model, lora_dtype=lora_dtype)
         swift_model.load_adapter(adapter_dir, adapter_name)
         return swift_model

@@ -1,0 +1,338 @@
+"""The mixture layers against independent references: plain PEFT and explicitly merged weights."""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+import pytest
+import torch
+from peft import PeftModel
+from torch import nn
+
+from swift.tuners import LoraLinear, LoraRouting, Swift, lora_mixture_context
+from swift.tuners import lora_layers
+from tests.factories import VOCAB, make_lora_dir, tiny_causal_lm
+
+TOL = 1e-5
+
+# Three adapters with different ranks, alphas, rsLoRA-free, and different target modules.
+POOL_SPECS = {
+    "a0": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], seed=1),
+    "a1": dict(r=8, lora_alpha=32, target_modules="all-linear", seed=2),
+    "a2": dict(r=16, lora_alpha=8, target_modules=["k_proj", "o_proj", "down_proj", "q_proj"], seed=3),
+}
+NAMES = list(POOL_SPECS)
+WEIGHTS = torch.tensor(
+    [
+        [0.5, 0.5, 0.0],
+        [0.0, 0.2, 0.8],
+        [0.3, 0.3, 0.4],
+        [0.0, 0.0, 0.0],
+        [1.0, 0.0, 0.0],
+    ]
+)
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def pool(request, tmp_path_factory):
+    """(base model, {name: adapter dir}, SwiftModel with the pool loaded)."""
+    base = tiny_causal_lm(request.param)
+    root = tmp_path_factory.mktemp(f"pool_{request.param}")
+    dirs = {name: make_lora_dir(base, root / name, **spec) for name, spec in POOL_SPECS.items()}
+    model = None
+    for name, path in dirs.items():
+        model = Swift.from_pretrained(model or copy.deepcopy(base), path, adapter_name=name)
+    return base, dirs, model
+
+
+def peft_pool(base: nn.Module, dirs: dict) -> PeftModel:
+    names = list(dirs)
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(dirs[names[0]]), adapter_name=names[0])
+    for name in names[1:]:
+        peft_model.load_adapter(str(dirs[name]), adapter_name=name)
+    return peft_model.eval()
+
+
+def peft_cat_logits(
+    peft_model: PeftModel, weights: list[float], input_ids: torch.Tensor, tag: str
+) -> torch.Tensor:
+    """Reference for one sample: PEFT's exact `cat` merge with that sample's weights."""
+    used = [(n, w) for n, w in zip(NAMES, weights) if w != 0]
+    with torch.no_grad():
+        if not used:
+            with peft_model.disable_adapter():
+                return peft_model(input_ids=input_ids).logits
+        peft_model.add_weighted_adapter(
+            [n for n, _ in used], [w for _, w in used], tag, combination_type="cat"
+        )
+        peft_model.set_adapter(tag)
+        return peft_model(input_ids=input_ids).logits
+
+
+@pytest.mark.parametrize("kernel", ["auto", "union", "gather"])
+def test_mixed_batch_rows_equal_peft_cat(pool, kernel, monkeypatch):
+    base, dirs, model = pool
+    if kernel == "union":
+        monkeypatch.setattr(lora_layers, "GATHER_MIN_TOKENS", 10**9)
+    elif kernel == "gather":
+        monkeypatch.setattr(lora_layers, "GATHER_MIN_TOKENS", 1)
+        monkeypatch.setattr(lora_layers, "GATHER_MIN_UNION_RATIO", 0.0)
+    input_ids = torch.randint(3, VOCAB, (WEIGHTS.shape[0], 12))
+    with torch.no_grad(), lora_mixture_context(WEIGHTS, NAMES):
+        mixed = model(input_ids=input_ids).logits
+    reference = peft_pool(base, dirs)
+    for i, row in enumerate(WEIGHTS.tolist()):
+        expected = peft_cat_logits(reference, row, input_ids[i : i + 1], tag=f"row{i}")
+        assert (mixed[i : i + 1] - expected).abs().max().item() <= TOL, f"row {i} ({kernel})"
+
+
+def test_one_hot_equals_single_peft_adapter_and_zero_equals_base(pool):
+    base, dirs, model = pool
+    input_ids = torch.randint(3, VOCAB, (3, 9))
+    with torch.no_grad():
+        with lora_mixture_context(torch.eye(3), NAMES):
+            one_hot = model(input_ids=input_ids).logits
+        with lora_mixture_context(torch.zeros(3, 3), NAMES):
+            zero = model(input_ids=input_ids).logits
+        base_logits = base(input_ids=input_ids).logits
+        for i, name in enumerate(NAMES):
+            single = PeftModel.from_pretrained(copy.deepcopy(base), str(dirs[name])).eval()
+            expected = single(input_ids=input_ids[i : i + 1]).logits
+            assert (one_hot[i : i + 1] - expected).abs().max().item() <= TOL
+    assert torch.equal(zero, base_logits)
+
+
+def test_sparse_routing_equals_dense(pool):
+    _, _, model = pool
+    input_ids = torch.randint(3, VOCAB, (WEIGHTS.shape[0], 7))
+    routing = LoraRouting.from_dense(WEIGHTS, NAMES)
+    with torch.no_grad():
+        with lora_mixture_context(WEIGHTS, NAMES):
+            dense = model(input_ids=input_ids).logits
+        with lora_mixture_context((routing.indices, routing.weights), NAMES):
+            sparse = model(input_ids=input_ids).logits
+    assert torch.equal(dense, sparse)
+    assert torch.equal(routing.to_dense(), WEIGHTS)
+
+
+def test_outside_context_first_adapter_is_active_like_peft(pool):
+    base, dirs, model = pool
+    input_ids = torch.randint(3, VOCAB, (2, 6))
+    with torch.no_grad():
+        expected = (
+            PeftModel.from_pretrained(copy.deepcopy(base), str(dirs["a0"])).eval()(input_ids=input_ids).logits
+        )
+        assert model.active_adapters == ("a0",)
+        assert (model(input_ids=input_ids).logits - expected).abs().max().item() <= TOL
+        with model.disable_adapters():
+            assert torch.equal(model(input_ids=input_ids).logits, base(input_ids=input_ids).logits)
+        model.set_active_adapters(None)
+        try:
+            assert torch.equal(model(input_ids=input_ids).logits, base(input_ids=input_ids).logits)
+        finally:
+            model.set_active_adapters("a0")
+
+
+def test_generate_mixed_batch_equals_each_sample_alone(pool):
+    """Greedy generate of a left-padded mixed batch == each prompt alone with its `cat`-merged adapter."""
+    base, dirs, model = pool
+    torch.manual_seed(5)
+    prompts = [torch.randint(3, VOCAB, (n,)) for n in (5, 9, 7)]
+    weights = torch.tensor([[0.6, 0.4, 0.0], [0.0, 0.0, 1.0], [0.2, 0.5, 0.3]])
+    width = max(len(p) for p in prompts)
+    input_ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for i, p in enumerate(prompts):
+        input_ids[i, width - len(p) :] = p
+        attention_mask[i, width - len(p) :] = 1
+    gen = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad(), lora_mixture_context(weights, NAMES):
+        batched = model.generate(input_ids=input_ids, attention_mask=attention_mask, **gen)[:, width:]
+    reference = peft_pool(base, dirs)
+    for i, p in enumerate(prompts):
+        used = [(n, w) for n, w in zip(NAMES, weights[i].tolist()) if w != 0]
+        reference.add_weighted_adapter(
+            [n for n, _ in used], [w for _, w in used], f"g{i}", combination_type="cat"
+        )
+        reference.set_adapter(f"g{i}")
+        with torch.no_grad():
+            alone = reference.generate(
+                input_ids=p[None], attention_mask=torch.ones(1, len(p), dtype=torch.long), **gen
+            )
+        assert batched[i].tolist() == alone[0, len(p) :].tolist(), f"sample {i}"
+
+
+def test_decode_steps_keep_routing(pool):
+    """Every decode step of generate() stays routed: the logits of each step match a fresh forward."""
+    _, _, model = pool
+    input_ids = torch.randint(3, VOCAB, (3, 6))
+    weights = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    with torch.no_grad(), lora_mixture_context(weights, NAMES):
+        out = model.generate(
+            input_ids=input_ids,
+            max_new_tokens=5,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        full = model(input_ids=out.sequences[:, :-1]).logits[:, input_ids.shape[1] - 1 :]
+    steps = torch.stack(out.logits, dim=1)
+    assert (steps - full).abs().max().item() <= 1e-4
+
+
+def manual_delta(layer: LoraLinear, x: torch.Tensor, row_weights: dict[str, float]) -> torch.Tensor:
+    delta = torch.zeros(*x.shape[:-1], layer.out_features)
+    for name, w in row_weights.items():
+        lora_A, lora_B = layer.lora_weights(name)
+        delta += w * layer.slots[name].scaling * (x @ lora_A.t() @ lora_B.t())
+    return delta
+
+
+@pytest.fixture
+def lone_layer() -> LoraLinear:
+    torch.manual_seed(0)
+    layer = LoraLinear(nn.Linear(16, 12), "blocks.0.fc")
+    for j, r in enumerate((2, 4, 3, 5)):
+        layer.add_adapter(f"n{j}", 0.1 * torch.randn(r, 16), 0.1 * torch.randn(12, r), scaling=0.5 + j)
+    return layer
+
+
+def test_2d_and_3d_activations_and_row_index(lone_layer):
+    names = [f"n{j}" for j in range(4)]
+    weights = torch.tensor([[0.7, 0.0, 0.3, 0.0], [0.0, 1.0, 0.0, -0.5]])
+    rows = [dict(zip(names, w)) for w in weights.tolist()]
+    x3 = torch.randn(2, 5, 16)
+    x2 = torch.randn(2, 16)
+    x_rows = torch.randn(7, 16)  # e.g. image patches: rows 0-3 from sample 1, rows 4-6 from sample 0
+    row_sample = torch.tensor([1, 1, 1, 1, 0, 0, 0])
+    with torch.no_grad():
+        with lora_mixture_context(weights, names):
+            y3, y2 = lone_layer(x3), lone_layer(x2)
+        with lora_mixture_context(weights, names, row_index={"blocks": row_sample}):
+            y_rows = lone_layer(x_rows)
+        base = lone_layer.base_layer
+        for i in range(2):
+            assert (y3[i] - base(x3[i]) - manual_delta(lone_layer, x3[i], rows[i])).abs().max() <= TOL
+            assert (y2[i] - base(x2[i]) - manual_delta(lone_layer, x2[i], rows[i])).abs().max() <= TOL
+        for j, s in enumerate(row_sample.tolist()):
+            expected = base(x_rows[j]) + manual_delta(lone_layer, x_rows[j], rows[s])
+            assert (y_rows[j] - expected).abs().max() <= TOL
+
+
+def test_repeated_samples_follow_their_routing(lone_layer):
+    """generate(num_beams=n) repeats each sample n times in a row: rows follow their sample's routing."""
+    names = ["n0", "n1"]
+    weights = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    x = torch.randn(4, 3, 16)
+    with torch.no_grad(), lora_mixture_context(weights, names):
+        y = lone_layer(x)
+        expected = [
+            lone_layer.base_layer(x[j]) + manual_delta(lone_layer, x[j], {names[j // 2]: 1.0})
+            for j in range(4)
+        ]
+    assert (y - torch.stack(expected)).abs().max() <= TOL
+
+
+def test_vision_layer_without_row_index_raises(lone_layer):
+    lone_layer.requires_row_index = True
+    with lora_mixture_context(torch.ones(2, 1), ["n0"]), pytest.raises(ValueError, match="row_index"):
+        lone_layer(torch.randn(2, 3, 16))
+
+
+def test_only_used_adapters_are_read():
+    """The rows a call touches depend on the adapters used, not on the pool size."""
+    layer = LoraLinear(nn.Linear(8, 8), "fc")
+    for j in range(64):
+        layer.add_adapter(f"p{j}", torch.randn(4, 8), torch.randn(8, 4), scaling=1.0)
+    names = [f"p{j}" for j in range(64)]
+    weights = torch.zeros(3, 64)
+    weights[0, 5] = weights[1, 5] = weights[2, 40] = 1.0
+    with torch.no_grad(), lora_mixture_context(weights, names) as routing:
+        layer(torch.randn(3, 1, 8))
+        state = lora_layers._MIXTURE.get()
+        assert state.tensors[id(layer)]["a_union"].shape == (8, 8)  # two adapters of rank 4
+    assert routing.used_names() == ["p5", "p40"]
+
+
+def test_threads_get_their_own_routing(pool):
+    _, _, model = pool
+    input_ids = torch.randint(3, VOCAB, (2, 8))
+    routings = [
+        torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.5, 0.5]]),
+        torch.tensor([[0.0, 0.0, 1.0], [0.3, 0.7, 0.0]]),
+    ]
+    with torch.no_grad():
+        expected = []
+        for w in routings:
+            with lora_mixture_context(w, NAMES):
+                expected.append(model(input_ids=input_ids).logits)
+    assert not torch.allclose(expected[0], expected[1])
+    barrier = threading.Barrier(2)
+    results: dict[int, list[torch.Tensor]] = {0: [], 1: []}
+    errors: list[BaseException] = []
+
+    def worker(t: int) -> None:
+        try:
+            with torch.no_grad(), lora_mixture_context(routings[t], NAMES):
+                barrier.wait()
+                for _ in range(4):
+                    results[t].append(model(input_ids=input_ids).logits)
+        except BaseException as err:  # surfaced below
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    for t in range(2):
+        for out in results[t]:
+            assert torch.equal(out, expected[t])
+
+
+def test_rslora_and_mixed_scalings_against_merged_weights(tmp_path):
+    """rsLoRA: PEFT's merges mis-scale it (peft #3761), so the reference is W + sum w*s*B@A built by hand."""
+    base = tiny_causal_lm("llama")
+    specs = {"r1": dict(r=4, lora_alpha=16, use_rslora=True, seed=7), "r2": dict(r=8, lora_alpha=4, seed=8)}
+    model = None
+    for name, spec in specs.items():
+        make_lora_dir(base, tmp_path / name, target_modules=["q_proj", "up_proj"], **spec)
+        model = Swift.from_pretrained(model or copy.deepcopy(base), tmp_path / name, adapter_name=name)
+    weights = torch.tensor([[0.25, 0.75], [1.0, 0.0]])
+    input_ids = torch.randint(3, VOCAB, (2, 10))
+    with torch.no_grad(), lora_mixture_context(weights, list(specs)):
+        mixed = model(input_ids=input_ids).logits
+    layers = dict(model.lora_layers())
+    for i in range(2):
+        merged = copy.deepcopy(base)
+        with torch.no_grad():
+            for module_name, layer in layers.items():
+                target = merged.get_submodule(module_name)
+                for j, name in enumerate(specs):
+                    lora_A, lora_B = layer.lora_weights(name)
+                    target.weight += weights[i, j] * layer.slots[name].scaling * (lora_B @ lora_A)
+            expected = merged(input_ids=input_ids[i : i + 1]).logits
+        assert (mixed[i : i + 1] - expected).abs().max().item() <= TOL
+    assert layers["model.layers.0.self_attn.q_proj"].slots["r1"].scaling == pytest.approx(16 / 2)
+
+
+def test_routing_validation_errors(pool):
+    _, _, model = pool
+    with pytest.raises(ValueError, match=r"\[batch, 3\]"):
+        with lora_mixture_context(torch.ones(2, 2), NAMES):
+            pass
+    with pytest.raises(ValueError, match="NaN or inf"):
+        with lora_mixture_context(torch.tensor([[float("nan"), 0.0, 0.0]]), NAMES):
+            pass
+    with pytest.raises(ValueError, match="out of range"):
+        with lora_mixture_context((torch.tensor([[3]]), torch.tensor([[1.0]])), NAMES):
+            pass
+    with pytest.raises(ValueError, match="duplicates"):
+        with lora_mixture_context(torch.ones(1, 2), ["a0", "a0"]):
+            pass
+    with pytest.raises(ValueError, match="not loaded"):
+        model.mixture(torch.ones(1, 1), ["nope"])
