@@ -10,8 +10,7 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from swift.tuners import LoraLinear, LoraRouting, Swift, lora_mixture_context
-from swift.tuners import lora_layers
+from swift.tuners import LoraLinear, LoraRouting, Swift, lora_layers, lora_mixture_context
 from tests.factories import VOCAB, make_lora_dir, tiny_causal_lm
 
 TOL = 1e-5
