@@ -252,7 +252,7 @@ def test_only_used_adapters_are_read():
     with torch.no_grad(), lora_mixture_context(weights, names) as routing:
         layer(torch.randn(3, 1, 8))
         state = lora_layers._MIXTURE.get()
-        assert state.tensors[id(layer)]["a_union"].shape == (8, 8)  # two adapters of rank 4
+        assert state.layers[id(layer)].a_union.shape == (8, 8)  # two adapters of rank 4
     assert routing.used_names() == ["p5", "p40"]
 
 

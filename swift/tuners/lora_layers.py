@@ -164,7 +164,7 @@ class _MixtureState:
     used_names: list[str] = field(init=False)
     used_weights: torch.Tensor = field(init=False)
     plans: dict[tuple, _LayoutPlan] = field(default_factory=dict)  # shared by layers with one layout
-    tensors: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # per-layer gathered rows
+    layers: dict[int, _LayerCache] = field(default_factory=dict)  # per layer (by id): plan + gathered rows
 
     def __post_init__(self) -> None:
         dense = self.routing.to_dense()
@@ -274,6 +274,16 @@ def _make_plan(layout: tuple[tuple[int, int, int, float], ...], used_weights: to
     union_coef = scaled.repeat_interleave(ranks, dim=1).contiguous()  # [batch, R_U]
     per_sample = ((union_coef != 0).sum(dim=1)).max().item() if union_coef.numel() else 0
     return _LayoutPlan(union_rows, union_coef, int(per_sample))
+
+
+@dataclass
+class _LayerCache:
+    """What one layer keeps for the life of a context: its plan and the union rows it gathered."""
+
+    plan: _LayoutPlan | None
+    a_union: torch.Tensor | None = None  # [R_U, in]
+    b_union: torch.Tensor | None = None  # [R_U, out]
+    coef: torch.Tensor | None = None  # [batch, R_U]
 
 
 # Kernel selection (measured with benchmarks/bench_mixture.py; see docs/decisions.md): gather + bmm wins
@@ -416,15 +426,16 @@ class LoraLinear(nn.Module):
         return delta
 
     def _mixture_delta(self, x: torch.Tensor, state: _MixtureState) -> torch.Tensor | None:
-        plan = self._plan(state)
+        cache = state.layers.get(id(self))
+        if cache is None:  # first call in this context (prefill): plan once, reuse at every decode step
+            cache = state.layers[id(self)] = _LayerCache(self._plan(state))
+        plan = cache.plan
         if plan is None:
             return None  # no adapter of this batch lives in this layer: exactly the base layer
         samples = self._row_samples(x, state)  # [lead] sample of every leading row, or None = identity
         lead = x.shape[0]
         x3 = x.reshape(lead, -1, self.in_features).to(self.lora_dtype)  # [lead, T, in]
-        tokens = x3.shape[1]
-        kernel = _choose_kernel(tokens, plan, per_sample_rows=samples is None)
-        cache = state.tensors.setdefault(id(self), {})
+        kernel = _choose_kernel(x3.shape[1], plan, per_sample_rows=samples is None)
         if kernel == "gather":
             if plan.gather_rows is None:
                 plan.build_gather()
@@ -435,17 +446,18 @@ class LoraLinear(nn.Module):
             hidden = torch.bmm(x3, a_sel.transpose(1, 2)) * coef.unsqueeze(1)  # [batch, T, L]
             delta = torch.bmm(hidden, b_sel)  # [batch, T, out]
         else:
-            if "a_union" not in cache:  # gathered once per context: decode steps reuse it
+            if cache.a_union is None:  # gathered once per context: decode steps reuse it
                 rows = plan.union_rows.to(self.lora_A_bank.device)
-                cache["a_union"] = self.lora_A_bank[rows]  # [R_U, in]
-                cache["b_union"] = self.lora_B_bank[rows]  # [R_U, out]
-                cache["coef"] = plan.union_coef.to(x3.device, self.lora_dtype)  # [batch, R_U]
-            coef = cache["coef"] if samples is None else cache["coef"][samples]  # [lead, R_U]
-            hidden = torch.matmul(x3, cache["a_union"].t()) * coef.unsqueeze(1)  # [lead, T, R_U]
-            delta = torch.matmul(hidden, cache["b_union"])  # [lead, T, out]
+                cache.a_union = self.lora_A_bank[rows]  # [R_U, in]
+                cache.b_union = self.lora_B_bank[rows]  # [R_U, out]
+                cache.coef = plan.union_coef.to(x3.device, self.lora_dtype)  # [batch, R_U]
+            coef = cache.coef if samples is None else cache.coef[samples]  # [lead, R_U]
+            hidden = torch.matmul(x3, cache.a_union.t()) * coef.unsqueeze(1)  # [lead, T, R_U]
+            delta = torch.matmul(hidden, cache.b_union)  # [lead, T, out]
         return delta.reshape(*x.shape[:-1], self.out_features)
 
     def _plan(self, state: _MixtureState) -> _LayoutPlan | None:
+        """The index plan for this layer; layers with the same slot layout share one."""
         layout = tuple(
             (col, slot.start, slot.r, slot.scaling)
             for col, name in enumerate(state.used_names)
