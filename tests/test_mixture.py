@@ -335,3 +335,37 @@ def test_routing_validation_errors(pool):
             pass
     with pytest.raises(ValueError, match="not loaded"):
         model.mixture(torch.ones(1, 1), ["nope"])
+
+
+def test_delete_and_add_in_memory_keep_other_adapters_exact(tmp_path):
+    base = tiny_causal_lm("llama")
+    model = None
+    for name, spec in POOL_SPECS.items():
+        make_lora_dir(base, tmp_path / name, **spec)
+        model = Swift.from_pretrained(model or copy.deepcopy(base), tmp_path / name, adapter_name=name)
+    input_ids = torch.randint(3, VOCAB, (2, 6))
+    weights = torch.tensor([[0.5, 0.0, 0.5], [0.0, 0.0, 1.0]])
+    with torch.no_grad(), lora_mixture_context(weights, NAMES):
+        before = model(input_ids=input_ids).logits
+    saved = {
+        n: (*layer.lora_weights("a1"), layer.slots["a1"].scaling)
+        for n, layer in model.lora_layers()
+        if "a1" in layer.slots
+    }
+    saved = {n: (a.clone(), b.clone(), s) for n, (a, b, s) in saved.items()}
+    model.delete_adapter("a1")
+    assert "a1" not in model.adapter_names
+    with torch.no_grad(), lora_mixture_context(weights[:, [0, 2]], ["a0", "a2"]):
+        after = model(input_ids=input_ids).logits
+    assert torch.equal(before, after)
+    model.add_adapter_weights("a1_again", saved)
+    with torch.no_grad(), lora_mixture_context(torch.tensor([[0.0, 1.0], [0.0, 1.0]]), ["a0", "a1_again"]):
+        readded = model(input_ids=input_ids).logits
+    reference = Swift.from_pretrained(copy.deepcopy(base), tmp_path / "a1", adapter_name="a1")
+    with torch.no_grad():
+        assert (readded - reference(input_ids=input_ids).logits).abs().max() <= TOL
+    with (
+        lora_mixture_context(weights, NAMES),
+        pytest.raises(RuntimeError, match="inside a lora_mixture_context"),
+    ):
+        model.delete_adapter("a0")

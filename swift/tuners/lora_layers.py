@@ -390,6 +390,29 @@ class LoraLinear(nn.Module):
             new[: self._rows_used] = old[: self._rows_used]
             setattr(self, name, new)
 
+    def remove_adapter(self, adapter_name: str) -> None:
+        """Drop one adapter and compact the banks (later slots move up).
+
+        Raises:
+            RuntimeError: called inside a ``lora_mixture_context`` (its plans index the banks).
+        """
+        if _MIXTURE.get() is not None:
+            raise RuntimeError(
+                "cannot remove adapters inside a lora_mixture_context; leave the context first."
+            )
+        slot = self.slots.pop(adapter_name)
+        end = slot.start + slot.r
+        with torch.no_grad():
+            for bank in (self.lora_A_bank, self.lora_B_bank):
+                bank[slot.start : self._rows_used - slot.r] = bank[end : self._rows_used].clone()
+                bank[self._rows_used - slot.r : self._rows_used] = 0
+        self._rows_used -= slot.r
+        self.slots = {
+            name: AdapterSlot(s.start - slot.r, s.r, s.scaling, s.dropout) if s.start > slot.start else s
+            for name, s in self.slots.items()
+        }
+        self.active_adapters = tuple(a for a in self.active_adapters if a != adapter_name)
+
     def lora_weights(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Views of one adapter's ``(lora_A [r, in], lora_B [out, r])``."""
         slot = self.slots[adapter_name]

@@ -100,6 +100,43 @@ class SwiftModel(nn.Module):
                 that maps to no module, a module that isn't linear, a shape that doesn't fit, or a module the
                 config targets but the weights lack.
         """
+        self._check_new_name(adapter_name)
+        config, pairs = read_adapter_dir(adapter_dir)
+        self._warn_on_base_mismatch(config, adapter_dir)
+        placed = self._place(pairs, adapter_dir)
+        self._check_complete(config, placed, adapter_dir)
+        weights = {
+            name: (lora_A, lora_B, config.scaling(name, lora_A.shape[0]))
+            for name, (lora_A, lora_B) in placed.items()
+        }
+        self._install(adapter_name, weights, config, str(adapter_dir))
+
+    def add_adapter_weights(
+        self,
+        adapter_name: str,
+        weights: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]],
+        config: LoraAdapterConfig | None = None,
+    ) -> None:
+        """Add an adapter from memory: ``{module_name: (lora_A [r, in], lora_B [out, r], scaling)}``.
+
+        Used for adapters built on the fly (e.g. fused adapters). Same checks as ``load_adapter``.
+        """
+        self._check_new_name(adapter_name)
+        placed = self._place({n: (a, b) for n, (a, b, _) in weights.items()}, f"adapter {adapter_name!r}")
+        self._install(adapter_name, {n: (*placed[n], weights[n][2]) for n in placed}, config, "<memory>")
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter from every layer (not allowed inside a mixture context)."""
+        if adapter_name not in self.adapter_configs:
+            raise ValueError(f"unknown adapter {adapter_name!r}; loaded adapters: {self.adapter_names}.")
+        for _, layer in self.lora_layers():
+            if adapter_name in layer.slots:
+                layer.remove_adapter(adapter_name)
+        del self.adapter_configs[adapter_name]
+        del self.adapter_dirs[adapter_name]
+        self._active = tuple(a for a in self._active if a != adapter_name)
+
+    def _check_new_name(self, adapter_name: str) -> None:
         if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
             raise ValueError(f"adapter_name must be a non-empty string without dots, got {adapter_name!r}.")
         if adapter_name in self.adapter_configs:
@@ -107,26 +144,29 @@ class SwiftModel(nn.Module):
                 f"an adapter named {adapter_name!r} is already loaded (from {self.adapter_dirs[adapter_name]}); "
                 "choose another adapter_name."
             )
-        config, pairs = read_adapter_dir(adapter_dir)
-        self._warn_on_base_mismatch(config, adapter_dir)
-        placed = self._place(pairs, adapter_dir)
-        self._check_complete(config, placed, adapter_dir)
 
-        for module_name, (lora_A, lora_B) in placed.items():
+    def _install(
+        self,
+        adapter_name: str,
+        weights: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]],
+        config: LoraAdapterConfig | None,
+        source: str,
+    ) -> None:
+        for module_name, (lora_A, lora_B, scaling) in weights.items():
             layer = self._lora_layer(module_name)
             device = layer.base_layer.weight.device
             layer.add_adapter(
                 adapter_name,
                 lora_A.to(device, self.lora_dtype),
                 lora_B.to(device, self.lora_dtype),
-                scaling=config.scaling(module_name, lora_A.shape[0]),
-                dropout=config.lora_dropout,
+                scaling=scaling,
+                dropout=config.lora_dropout if config is not None else 0.0,
             )
-        self.adapter_configs[adapter_name] = config
-        self.adapter_dirs[adapter_name] = str(adapter_dir)
+        self.adapter_configs[adapter_name] = config or LoraAdapterConfig()
+        self.adapter_dirs[adapter_name] = source
         if not self._active:
             self.set_active_adapters(adapter_name)
-        logger.info("loaded adapter %r (%d modules) from %s", adapter_name, len(placed), adapter_dir)
+        logger.info("loaded adapter %r (%d modules) from %s", adapter_name, len(weights), source)
 
     def _named_linear_candidates(self) -> dict[str, nn.Module]:
         """Linear-like modules by name; a LoraLinear stands for its wrapped base layer."""

@@ -1,0 +1,1 @@
+"""LoraRetriever: input-aware retrieval and composition of LoRA adapters."""
