@@ -1,0 +1,78 @@
+"""Test-set reading (single-turn and chat JSONL, strict errors) and the answer metrics."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lora_retriever.data import read_samples
+from lora_retriever.metrics import bleu, exact_match, rouge_l
+
+
+def write_jsonl(path, records):
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in records) + "\n")
+    return path
+
+
+def test_single_turn_and_chat_records(tmp_path):
+    (tmp_path / "img.png").write_bytes(b"")
+    path = write_jsonl(
+        tmp_path / "t.jsonl",
+        [
+            {"id": "q1", "query": "Capital of France?", "response": "Paris", "task": "capitals", "extra": 1},
+            {
+                "messages": [
+                    {"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": "hello"},
+                    {"role": "user", "content": "<image> what?"},
+                    {"role": "assistant", "content": "a cat"},
+                ],
+                "images": ["img.png"],
+                "task": "vqa",
+            },
+        ],
+    )
+    first, chat = read_samples(path)
+    assert (first.id, first.query, first.response, first.task, first.extra) == (
+        "q1",
+        "Capital of France?",
+        "Paris",
+        "capitals",
+        {"extra": 1},
+    )
+    assert chat.id == "line2" and chat.query == "<image> what?" and chat.response == "a cat"
+    assert chat.system == "Be brief." and chat.history == [("hi", "hello")]
+    assert chat.images == [tmp_path / "img.png"]
+    assert len(read_samples(path, limit=1)) == 1
+
+
+def test_malformed_line_names_its_number(tmp_path):
+    path = write_jsonl(tmp_path / "t.jsonl", [{"query": "ok"}, "", '{"query": "broken"'])
+    with pytest.raises(ValueError, match=r"t\.jsonl:3: malformed JSON"):
+        read_samples(path)
+
+
+def test_missing_query_and_missing_image(tmp_path):
+    with pytest.raises(ValueError, match=r":1: record has no 'query'"):
+        read_samples(write_jsonl(tmp_path / "a.jsonl", [{"response": "x"}]))
+    with pytest.raises(FileNotFoundError, match="image file .*nope.png does not exist"):
+        read_samples(write_jsonl(tmp_path / "b.jsonl", [{"query": "q", "images": ["nope.png"]}]))
+    with pytest.raises(ValueError, match="must end with a user turn"):
+        read_samples(
+            write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "assistant", "content": "x"}]}])
+        )
+
+
+def test_metrics():
+    assert exact_match("Paris.", "paris") == 1.0
+    assert exact_match("It is Paris", "Paris") == 0.0
+    assert rouge_l("the capital is paris", "paris") == pytest.approx(2 * (1 / 4) * 1 / (1 / 4 + 1))
+    assert rouge_l("a b c d", "a x c d") == pytest.approx(0.75)
+    assert bleu(["the cat sat on the mat"], ["the cat sat on the mat"]) == pytest.approx(1.0)
+    assert bleu(["dog"], ["the cat sat on the mat"]) == 0.0
+    partial = bleu(["the cat sat on a mat"], ["the cat sat on the mat"])
+    assert 0.3 < partial < 1.0
+    with pytest.raises(ValueError):
+        bleu(["a"], [])

@@ -1,0 +1,155 @@
+"""Adapter pools (validation, filtering, paths), key indexes (exact vs FAISS), retrieval weights and OOD."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from lora_retriever.index import ExactIndex, FaissFlatIndex, FaissHNSWIndex, build_index
+from lora_retriever.pool import AdapterPool, PoolValidationError, key_meta_path
+from lora_retriever.retriever import LoraRetriever, LoraRetrieverConfig, adapter_weights
+
+
+def write_pool(root, entries, name="pool.json", dims=None, meta_model="test-embedder"):
+    """Create adapter dirs + keys for ``entries`` (list of names or dicts) and a config; returns its path."""
+    rng = np.random.default_rng(0)
+    data = []
+    for i, entry in enumerate(entries):
+        entry = {"lora_name": entry} if isinstance(entry, str) else dict(entry)
+        name_ = entry["lora_name"]
+        adapter = root / "adapters" / name_
+        adapter.mkdir(parents=True, exist_ok=True)
+        (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+        key = root / "keys" / f"{name_}.npy"
+        key.parent.mkdir(exist_ok=True)
+        dim = dims[i] if dims else 8
+        np.save(key, rng.normal(size=dim).astype(np.float32))
+        key_meta_path(key).write_text(json.dumps({"model_id": meta_model, "dim": dim}))
+        data.append({"lora_path": f"adapters/{name_}", "embedding_path": f"keys/{name_}.npy", **entry})
+    path = root / name
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_pool_resolves_relative_paths_and_keeps_unknown_fields(tmp_path):
+    config = write_pool(tmp_path, [{"lora_name": "a", "lora_type": "app", "owner": "me"}, "b"])
+    pool = AdapterPool.from_configs(config)
+    assert pool.names == ["a", "b"]
+    assert pool["a"].lora_path == (tmp_path / "adapters" / "a").resolve()
+    assert pool["a"].extra == {"lora_type": "app", "owner": "me"}
+    assert pool.keys().shape == (2, 8)
+    np.testing.assert_allclose(np.linalg.norm(pool.keys(), axis=1), 1.0, rtol=1e-6)
+    assert pool.key_meta() == {"model_id": "test-embedder", "dim": 8}
+    out = tmp_path / "copy" / "pool.json"
+    pool.save(out)
+    saved = json.loads(out.read_text())
+    assert saved[0]["owner"] == "me" and saved[0]["lora_path"] == "../adapters/a"
+    assert AdapterPool.from_configs(out).names == ["a", "b"]
+
+
+def test_pool_reports_every_problem_at_once(tmp_path):
+    config = write_pool(tmp_path, ["a", "b", "c", "d"], dims=[8, 8, 8, 4])
+    data = json.loads(config.read_text())
+    data.append(dict(data[0]))  # duplicate name
+    data[1]["lora_path"] = "adapters/missing"
+    data[2]["embedding_path"] = "keys/missing.npy"
+    data.append({"description": "no name"})
+    config.write_text(json.dumps(data))
+    with pytest.raises(PoolValidationError) as err:
+        AdapterPool.from_configs([config, tmp_path / "nope.json"])
+    text = str(err.value)
+    assert len(err.value.problems) == 6, text
+    for needle in (
+        "duplicate lora_name 'a'",
+        "adapters/missing does not exist",
+        "keys/missing.npy does not exist",
+        "key dimensions differ",
+        "missing field(s) ['lora_name', 'lora_path']",
+        "nope.json does not exist",
+    ):
+        assert needle in text
+
+
+def test_pool_filter_by_field(tmp_path):
+    app = write_pool(tmp_path, ["a", "b"], name="app.json")
+    cat = write_pool(tmp_path, [{"lora_name": "shop", "lora_type": "category"}], name="cat.json")
+    pool = AdapterPool.from_configs([app, cat], defaults=[{"lora_type": "app"}, {"lora_type": "category"}])
+    assert pool.filter("lora_type", "app").names == ["a", "b"]
+    assert pool.filter("lora_type", "category").names == ["shop"]
+    assert pool.filter("lora_type", "all").names == ["a", "b", "shop"]
+    with pytest.raises(ValueError, match="values in the pool"):
+        pool.filter("lora_type", "domain")
+
+
+def test_faiss_flat_equals_exact_and_hnsw_recall():
+    rng = np.random.default_rng(1)
+    keys = rng.normal(size=(2000, 32)).astype(np.float32)
+    keys /= np.linalg.norm(keys, axis=1, keepdims=True)
+    queries = rng.normal(size=(50, 32)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    exact_s, exact_i = ExactIndex(keys).search(queries, 5)
+    flat_s, flat_i = FaissFlatIndex(keys).search(queries, 5)
+    np.testing.assert_array_equal(exact_i, flat_i)
+    np.testing.assert_allclose(exact_s, flat_s, atol=1e-5)
+    np.testing.assert_allclose(exact_s, np.sort(queries @ keys.T, axis=1)[:, ::-1][:, :5], atol=1e-6)
+    _, hnsw_i = FaissHNSWIndex(keys, ef_search=128).search(queries, 3)
+    recall = np.mean([len(set(h) & set(e)) / 3 for h, e in zip(hnsw_i, exact_i[:, :3])])
+    assert recall >= 0.95
+    small_s, small_i = ExactIndex(keys[:2]).search(queries[:1], 4)
+    assert small_i[0].tolist()[2:] == [-1, -1]
+
+
+def test_index_refuses_other_embedders():
+    index = build_index(np.eye(4, dtype=np.float32), "exact", model_id="minilm")
+    with pytest.raises(ValueError, match="4-d"):
+        index.check_queries(np.ones((1, 3)), "minilm")
+    with pytest.raises(ValueError, match="embedded with 'other'"):
+        index.check_queries(np.ones((1, 4)), "other")
+    with pytest.raises(ValueError, match="unknown index kind"):
+        build_index(np.eye(4), "ivf")
+
+
+@pytest.mark.parametrize("mode", ["uniform", "softmax", "similarity"])
+def test_weights_sum_to_one(mode):
+    sims = np.array([0.9, 0.5, -0.2])
+    w = adapter_weights(sims, mode, temperature=0.1)
+    assert w.sum() == pytest.approx(1.0) and (w >= 0).all()
+    if mode == "uniform":
+        np.testing.assert_allclose(w, 1 / 3)
+    else:
+        assert w[0] > w[1] >= w[2]
+    if mode == "similarity":
+        assert w[2] == 0.0
+
+
+def test_retrieve_vectors_ood_excludes_and_ranks(tmp_path):
+    config = write_pool(tmp_path, ["a", "b", "c", "d"])
+    pool = AdapterPool.from_configs(config)
+    retriever = LoraRetriever(LoraRetrieverConfig(top_k=2), pool=pool, embedder=object())
+    keys = pool.keys()
+    queries = keys[[0, 2]] + 0.01
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    iid = retriever.retrieve_vectors(queries, model_id="test-embedder")
+    assert [r[0].name for r in iid] == ["a", "c"]
+    assert all(abs(sum(x.weight for x in r) - 1) < 1e-9 and len(r) == 2 for r in iid)
+    assert iid[0][0].similarity >= iid[0][1].similarity
+    ood = retriever.retrieve_vectors(queries, exclude=["a", None], model_id="test-embedder")
+    assert "a" not in [x.name for x in ood[0]] and len(ood[0]) == 2
+    assert ood[1][0].name == "c"
+    with pytest.raises(ValueError, match="exclude has 1 entries for 2 queries"):
+        retriever.retrieve_vectors(queries, exclude=["a"])
+    with pytest.raises(ValueError, match="embedded with 'minilm'"):
+        retriever.retrieve_vectors(queries, model_id="minilm")
+    with pytest.raises(ValueError, match="top_k"):
+        retriever.retrieve_vectors(queries, top_k=0)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="weight_mode"):
+        LoraRetrieverConfig(weight_mode="max")
+    with pytest.raises(ValueError, match="temperature"):
+        LoraRetrieverConfig(temperature=0)
+    with pytest.raises(ValueError, match="unknown LoraRetrieverConfig field"):
+        LoraRetrieverConfig.from_dict({"topk": 3})
