@@ -1,0 +1,176 @@
+"""``EmbedderConfig``: which embedding model to load and how, validated when it is built.
+
+Everything that can be checked without loading a model is checked in ``__post_init__`` (backend name,
+dtype, batch size, fusion weights, and the embedder's optional PEFT adapter directory), so a bad config
+fails at the entry point and not after minutes of indexing.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "BACKENDS",
+    "DTYPES",
+    "EmbedderConfig",
+    "validate_adapter_path",
+    "validate_fusion_weights",
+]
+
+BACKENDS = ("sentence-transformers", "jina-v4", "clip", "auto")
+DTYPES = ("float32", "float16", "bfloat16")
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+
+
+def validate_adapter_path(adapter_path: str | os.PathLike[str]) -> Path:
+    """Check a PEFT adapter directory for an embedder and return it, ``~`` expanded and absolute.
+
+    Raises:
+        ValueError: the path does not exist, is not a directory, or has no ``adapter_config.json``.
+    """
+    path = Path(adapter_path).expanduser().absolute()
+    if not path.exists():
+        raise ValueError(
+            f"embedder adapter_path {str(adapter_path)!r} does not exist (resolved to {path}); "
+            "pass the directory written by PEFT's save_pretrained, or adapter_path=None for the base model"
+        )
+    if not path.is_dir():
+        raise ValueError(
+            f"embedder adapter_path {str(path)!r} is a file, not a directory; pass the adapter directory "
+            f"that holds {ADAPTER_CONFIG_NAME} and adapter_model.safetensors"
+        )
+    if not (path / ADAPTER_CONFIG_NAME).is_file():
+        raise ValueError(
+            f"embedder adapter_path {str(path)!r} has no {ADAPTER_CONFIG_NAME}: it is not a PEFT adapter "
+            "directory; pass the directory written by PEFT's save_pretrained"
+        )
+    return path
+
+
+def validate_fusion_weights(text_weight: float, image_weight: float) -> tuple[float, float]:
+    """Check the text/image fusion weights: finite, non-negative, not both zero.
+
+    Returns:
+        The weights as floats.
+
+    Raises:
+        ValueError: naming the bad weight.
+    """
+    out = []
+    for name, value in (("text_weight", text_weight), ("image_weight", image_weight)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{name} must be a number, got {value!r}")
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        out.append(float(value))
+    if out[0] == 0 and out[1] == 0:
+        raise ValueError(
+            "text_weight and image_weight are both 0: a query with text and images would have no vector; "
+            "give at least one a positive weight (default 0.5 / 0.5)"
+        )
+    return out[0], out[1]
+
+
+@dataclass
+class EmbedderConfig:
+    """How to build an ``Embedder`` (see ``get_embedder``).
+
+    Attributes:
+        backend: ``"sentence-transformers"`` (any local sentence-transformers folder; text only),
+            ``"jina-v4"`` (a local jina-embeddings-v4 snapshot; text and images, needs remote code),
+            ``"clip"`` (a local transformers CLIP folder; text and images) or ``"auto"`` (jina-v4 or CLIP if
+            ``model_path`` is one, a sentence-transformers folder as such, else the packaged default with a
+            warning).
+        model_path: local model directory; ``None`` means the packaged all-MiniLM-L6-v2 (sentence-transformers
+            and auto only). ``~`` is expanded.
+        model_id: the name stored with keys and indexes; ``None`` derives it from the path (the folder
+            name; ``all-MiniLM-L6-v2`` for the packaged default). Set it when the folder name is not the
+            model's name.
+        adapter_path: optional PEFT LoRA adapter directory for the embedding model (sentence-transformers and
+            clip). ``~`` is expanded; it must exist, be a directory and hold ``adapter_config.json``.
+        device: torch device string, e.g. ``"cpu"``, ``"cuda:0"``.
+        dtype: ``"float32"`` (default; this project's CPUs have no bf16 units), ``"float16"`` or ``"bfloat16"``.
+        batch_size: texts/images per forward pass.
+        text_weight / image_weight: fusion weights for inputs that have both text and images
+            (weighted sum of the normalised vectors, renormalised). Non-negative, not both 0.
+        query_instruction: prefix put before every query text; ``None`` = the backend's default
+            (``DEFAULT_INSTRUCTION`` for sentence-transformers; none for jina-v4, which has its own
+            query/passage prompts, and CLIP, which was not trained with instructions); ``""`` = no prefix.
+        document_instruction: prefix for document texts; ``None`` = the same as the query prefix (adapter
+            key samples and queries get the same prefix, as the LoraRetriever paper does).
+    """
+
+    backend: str = field(default="sentence-transformers", metadata={"help": f"one of {BACKENDS}"})
+    model_path: str | None = field(default=None, metadata={"help": "local model dir; None = packaged MiniLM"})
+    model_id: str | None = field(default=None, metadata={"help": "id stored with keys; None = from the path"})
+    adapter_path: str | None = field(default=None, metadata={"help": "PEFT LoRA dir for the embedder"})
+    device: str = field(default="cpu", metadata={"help": "torch device"})
+    dtype: str = field(default="float32", metadata={"help": f"one of {DTYPES}"})
+    batch_size: int = field(default=32, metadata={"help": "inputs per forward pass"})
+    text_weight: float = field(default=0.5, metadata={"help": "fusion weight of the text vector"})
+    image_weight: float = field(default=0.5, metadata={"help": "fusion weight of the image vector"})
+    query_instruction: str | None = field(default=None, metadata={"help": "query prefix; None = backend's"})
+    document_instruction: str | None = field(default=None, metadata={"help": "None = query_instruction"})
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"EmbedderConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.model_path is not None:
+            if not isinstance(self.model_path, (str, os.PathLike)) or not str(self.model_path):
+                raise ValueError(
+                    f"EmbedderConfig.model_path must be a non-empty path, got {self.model_path!r}"
+                )
+            self.model_path = str(Path(self.model_path).expanduser())
+        if self.backend == "jina-v4" and self.model_path is None:
+            raise ValueError(
+                "backend='jina-v4' needs model_path: a local jina-embeddings-v4 directory (config.json, its "
+                "remote-code *.py files and weights); or use backend='auto' to fall back to the packaged "
+                "sentence-transformers model"
+            )
+        if self.model_id is not None and (not isinstance(self.model_id, str) or not self.model_id.strip()):
+            raise ValueError(
+                f"EmbedderConfig.model_id must be a non-empty string or None, got {self.model_id!r}"
+            )
+        if self.adapter_path is not None:
+            if self.backend == "jina-v4":
+                raise ValueError(
+                    f"adapter_path={self.adapter_path!r} is not supported with backend='jina-v4' (the model "
+                    "already carries its own task LoRAs); use backend='sentence-transformers' or 'clip'"
+                )
+            self.adapter_path = str(validate_adapter_path(self.adapter_path))
+        if not isinstance(self.device, str) or not self.device:
+            raise ValueError(
+                f"EmbedderConfig.device must be a torch device string like 'cpu', got {self.device!r}"
+            )
+        if self.dtype not in DTYPES:
+            raise ValueError(f"EmbedderConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"EmbedderConfig.batch_size must be a positive integer, got {self.batch_size!r}")
+        self.text_weight, self.image_weight = validate_fusion_weights(self.text_weight, self.image_weight)
+        for name in ("query_instruction", "document_instruction"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"EmbedderConfig.{name} must be a string or None, got {value!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """All fields as a JSON-serialisable dict."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EmbedderConfig:
+        """Build from a dict (e.g. JSON); unknown keys are an error, not silently dropped.
+
+        Raises:
+            ValueError: unknown keys, or any field validation error.
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"EmbedderConfig.from_dict needs a dict, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown EmbedderConfig keys {unknown}; valid keys are {sorted(known)}")
+        return cls(**data)
