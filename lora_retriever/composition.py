@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -65,8 +66,16 @@ class Composer:
         generation_config: passed to ``swift.llm.inference``.
     """
 
-    def __init__(self, model: nn.Module, template: Any, pool: AdapterPool, *, batch_size: int = 8,
-                 generation_config: Any = None, progress: bool = True):
+    def __init__(
+        self,
+        model: nn.Module,
+        template: Any,
+        pool: AdapterPool,
+        *,
+        batch_size: int = 8,
+        generation_config: Any = None,
+        progress: bool = True,
+    ):
         self.model = model
         self.template = template
         self.pool = pool
@@ -85,23 +94,45 @@ class Composer:
             self.model = SwiftModel(self.model)
         return self.model
 
-    def generate(self, queries: Sequence[str], selections: Sequence[Selection],
-                 images: Sequence[Any] | None = None) -> list[str]:
+    def generate(
+        self, queries: Sequence[str], selections: Sequence[Selection], images: Sequence[Any] | None = None
+    ) -> list[str]:
         raise NotImplementedError
 
     def _run(self, queries, images, mapping: torch.Tensor, names: list[str]) -> list[str]:
         from swift.llm import inference
 
-        return inference(self.model, self.template, list(queries), images, lora_mapping=mapping,
-                         adapter_names=names, batch_size=self.batch_size,
-                         generation_config=self.generation_config, progress=self.progress)
+        if not names:  # no sample uses an adapter: the base model
+            disabled = self.model.disable_adapters() if isinstance(self.model, SwiftModel) else nullcontext()
+            with disabled:
+                return inference(
+                    self.model,
+                    self.template,
+                    list(queries),
+                    images,
+                    batch_size=self.batch_size,
+                    generation_config=self.generation_config,
+                    progress=self.progress,
+                )
+        return inference(
+            self.model,
+            self.template,
+            list(queries),
+            images,
+            lora_mapping=mapping,
+            adapter_names=names,
+            batch_size=self.batch_size,
+            generation_config=self.generation_config,
+            progress=self.progress,
+        )
 
 
 class MixtureComposer(Composer):
     """Per-sample weighted mixture of each sample's retrieved adapters, in one batched ``generate``."""
 
-    def generate(self, queries: Sequence[str], selections: Sequence[Selection],
-                 images: Sequence[Any] | None = None) -> list[str]:
+    def generate(
+        self, queries: Sequence[str], selections: Sequence[Selection], images: Sequence[Any] | None = None
+    ) -> list[str]:
         """One answer per query; ``selections[i]`` are query i's adapters with weights (may be empty)."""
         if len(selections) != len(queries):
             raise ValueError(f"{len(selections)} selections for {len(queries)} queries; give one per query")
@@ -119,8 +150,17 @@ class FusionComposer(Composer):
         fusion_options: passed to ``lora_retriever.fusion.fuse`` (e.g. ``svd_rank``, ``density``, ``seed``).
     """
 
-    def __init__(self, model: nn.Module, template: Any, pool: AdapterPool, *, method: str = "linear",
-                 cache_size: int = 16, fusion_options: dict[str, Any] | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        model: nn.Module,
+        template: Any,
+        pool: AdapterPool,
+        *,
+        method: str = "linear",
+        cache_size: int = 16,
+        fusion_options: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ):
         super().__init__(model, template, pool, **kwargs)
         from lora_retriever.fusion import available_methods
 
@@ -131,7 +171,9 @@ class FusionComposer(Composer):
         self.method = method
         self.cache_size = cache_size
         self.fusion_options = dict(fusion_options or {})
-        self._fused: OrderedDict[tuple, tuple[str, Any]] = OrderedDict()  # key -> (adapter name, FusedAdapter)
+        self._fused: OrderedDict[tuple, tuple[str, Any]] = (
+            OrderedDict()
+        )  # key -> (adapter name, FusedAdapter)
         self._weights: dict[str, Any] = {}  # pool adapter name -> LoraWeights (read once)
         self._counter = 0
 
@@ -150,8 +192,9 @@ class FusionComposer(Composer):
         base = getattr(getattr(self.model, "config", None), "name_or_path", None)
         return fused.save(out_dir, base_model_name_or_path=base)
 
-    def generate(self, queries: Sequence[str], selections: Sequence[Selection],
-                 images: Sequence[Any] | None = None) -> list[str]:
+    def generate(
+        self, queries: Sequence[str], selections: Sequence[Selection], images: Sequence[Any] | None = None
+    ) -> list[str]:
         if len(selections) != len(queries):
             raise ValueError(f"{len(selections)} selections for {len(queries)} queries; give one per query")
         answers: list[str] = []
@@ -166,7 +209,9 @@ class FusionComposer(Composer):
             for i, name in enumerate(names):
                 if name:
                     mapping[i, used.index(name)] = 1.0
-            answers.extend(self._run(queries[batch], None if images is None else images[batch], mapping, used))
+            answers.extend(
+                self._run(queries[batch], None if images is None else images[batch], mapping, used)
+            )
         return answers
 
     def _get(self, key: tuple, selection: Selection, pinned: set | None = None) -> tuple[str, Any]:
@@ -177,9 +222,15 @@ class FusionComposer(Composer):
 
         for adapter in selection:
             if adapter.name not in self._weights:
-                self._weights[adapter.name] = LoraWeights.from_dir(self.pool[adapter.name].lora_path, name=adapter.name)
-        fused = fuse([self._weights[a.name] for a in selection], [a.weight for a in selection], self.method,
-                     **self.fusion_options)
+                self._weights[adapter.name] = LoraWeights.from_dir(
+                    self.pool[adapter.name].lora_path, name=adapter.name
+                )
+        fused = fuse(
+            [self._weights[a.name] for a in selection],
+            [a.weight for a in selection],
+            self.method,
+            **self.fusion_options,
+        )
         self._counter += 1
         name = f"fused-{self.method}-{self._counter}"
         model = self.ensure_loaded([])

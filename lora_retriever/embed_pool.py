@@ -86,7 +86,9 @@ def _input_text(record: Any) -> str | None:
     return None
 
 
-def build_key(embedder: Any, samples: Sequence[tuple[str, str]], n: int, seed: int = 0) -> tuple[np.ndarray, list[str]]:
+def build_key(
+    embedder: Any, samples: Sequence[tuple[str, str]], n: int, seed: int = 0
+) -> tuple[np.ndarray, list[str]]:
     """Mean (then normalised) embedding of ``n`` samples chosen with ``seed``; returns ``(key, sample ids)``."""
     if not samples:
         raise ValueError("no samples to build a key from")
@@ -116,8 +118,15 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
-def embed_pool(config_path: str | Path, embedder: Any, *, num_samples: int = 20, seed: int = 0,
-               names: Sequence[str] | None = None, progress: bool = True) -> AdapterPool:
+def embed_pool(
+    config_path: str | Path,
+    embedder: Any,
+    *,
+    num_samples: int = 20,
+    seed: int = 0,
+    names: Sequence[str] | None = None,
+    progress: bool = True,
+) -> AdapterPool:
     """Build keys for the entries of one pool config (all, or ``names``); returns the updated pool.
 
     Raises:
@@ -130,7 +139,9 @@ def embed_pool(config_path: str | Path, embedder: Any, *, num_samples: int = 20,
     todo = [e for e in pool if names is None or e.lora_name in names]
     missing = [e.lora_name for e in todo if e.samples_path is None]
     if missing:
-        raise ValueError(f"entries {missing} have no samples_path: keys are built from the adapter's own samples")
+        raise ValueError(
+            f"entries {missing} have no samples_path: keys are built from the adapter's own samples"
+        )
     meta_base = embedder.meta("query").to_dict()
     changed = False
     for entry in tqdm(todo, desc="adapter keys", disable=not progress):
@@ -138,20 +149,34 @@ def embed_pool(config_path: str | Path, embedder: Any, *, num_samples: int = 20,
         if entry.embedding_path is None:
             entry.embedding_path = config_path.parent / "keys" / f"{entry.lora_name}.npy"
             changed = True
-        write_key(entry, key, {**meta_base, "sample_ids": ids, "num_samples": len(ids), "seed": seed,
-                               "samples_path": str(entry.samples_path),
-                               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
+        write_key(
+            entry,
+            key,
+            {
+                **meta_base,
+                "sample_ids": ids,
+                "num_samples": len(ids),
+                "seed": seed,
+                "samples_path": str(entry.samples_path),
+                "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            },
+        )
     if changed:
         _atomic_write(config_path, lambda f: f.write(_config_json(pool, config_path).encode()))
     return AdapterPool.from_configs(config_path)
 
 
 def _config_json(pool: AdapterPool, config_path: Path) -> str:
-    return json.dumps([e.to_dict(relative_to=config_path.parent) for e in pool], indent=2, ensure_ascii=False) + "\n"
+    return (
+        json.dumps([e.to_dict(relative_to=config_path.parent) for e in pool], indent=2, ensure_ascii=False)
+        + "\n"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--pool", required=True, action="append", help="pool config JSON (repeatable)")
     parser.add_argument("--samples", type=int, default=20, help="samples embedded per adapter (default 20)")
     parser.add_argument("--seed", type=int, default=0, help="seed for choosing the samples")
@@ -165,10 +190,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--samples must be >= 1, got {args.samples}")
     from lora_retriever.embedders import EmbedderConfig, get_embedder
 
-    embedder = get_embedder(EmbedderConfig(backend=args.embedder, model_path=args.embedder_path, device=args.device))
+    embedder = get_embedder(
+        EmbedderConfig(backend=args.embedder, model_path=args.embedder_path, device=args.device)
+    )
     for config in args.pool:
-        pool = embed_pool(config, embedder, num_samples=args.samples, seed=args.seed, names=args.only,
-                          progress=not args.quiet)
+        pool = embed_pool(
+            config,
+            embedder,
+            num_samples=args.samples,
+            seed=args.seed,
+            names=args.only,
+            progress=not args.quiet,
+        )
         print(f"{config}: {len(pool)} adapter keys ({embedder.model_id}, dim {embedder.dim})")
     return 0
 

@@ -63,7 +63,9 @@ class InferenceConfig:
         if self.merge_method not in MERGE_METHODS:
             raise ValueError(f"merge_method must be one of {MERGE_METHODS}, got {self.merge_method!r}")
         if self.composition_weight_mode not in WEIGHT_MODES:
-            raise ValueError(f"composition_weight_mode must be one of {WEIGHT_MODES}, got {self.composition_weight_mode!r}")
+            raise ValueError(
+                f"composition_weight_mode must be one of {WEIGHT_MODES}, got {self.composition_weight_mode!r}"
+            )
         if self.top_k < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
             raise ValueError("top_k, batch_size and max_new_tokens must be >= 1")
         if self.merge_method != "base" and not (self.pools or self.app_configs or self.category_configs):
@@ -76,8 +78,11 @@ class InferenceConfig:
     def pool_sources(self) -> tuple[list[str], list[dict[str, Any]]]:
         """Config paths and, per path, the default ``lora_type`` its entries get."""
         paths = list(self.pools) + list(self.app_configs) + list(self.category_configs)
-        defaults = ([{}] * len(self.pools) + [{"lora_type": "app"}] * len(self.app_configs)
-                    + [{"lora_type": "category"}] * len(self.category_configs))
+        defaults = (
+            [{}] * len(self.pools)
+            + [{"lora_type": "app"}] * len(self.app_configs)
+            + [{"lora_type": "category"}] * len(self.category_configs)
+        )
         return paths, defaults
 
 
@@ -108,8 +113,9 @@ def run_inference(config: InferenceConfig) -> dict[str, Any]:
 
     from swift.llm import get_model_tokenizer, get_template
 
-    model, processor = get_model_tokenizer(config.model_type, config.model_path, dtype=getattr(torch, config.dtype),
-                                           device=config.device)
+    model, processor = get_model_tokenizer(
+        config.model_type, config.model_path, dtype=getattr(torch, config.dtype), device=config.device
+    )
     template = get_template(config.model_type, processor)
     generation = GenerationConfig(max_new_tokens=config.max_new_tokens, do_sample=False)
     composer = _composer(config, model, template, pool, generation)
@@ -122,21 +128,27 @@ def run_inference(config: InferenceConfig) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     records = []
     for sample, sel, pred, err in zip(samples, selections, predictions, errors):
-        records.append({
-            "id": sample.id,
-            "task": sample.task,
-            "query": sample.query,
-            "selected": [{"name": a.name, "weight": a.weight, "similarity": a.similarity} for a in sel],
-            "prediction": pred,
-            "reference": sample.response,
-            "error": err,
-        })
+        records.append(
+            {
+                "id": sample.id,
+                "task": sample.task,
+                "query": sample.query,
+                "selected": [{"name": a.name, "weight": a.weight, "similarity": a.similarity} for a in sel],
+                "prediction": pred,
+                "reference": sample.response,
+                "error": err,
+            }
+        )
     with (out_dir / "predictions.jsonl").open("w", encoding="utf-8") as f:
         for record in records:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
     metrics = score(records, pool, retrieved=retrieved and not config.ood, top_k=config.top_k)
-    metrics["run"] = {**asdict(config), "seconds": round(elapsed, 2), "num_samples": len(samples),
-                      "pool_size": len(pool) if pool else 0}
+    metrics["run"] = {
+        **asdict(config),
+        "seconds": round(elapsed, 2),
+        "num_samples": len(samples),
+        "pool_size": len(pool) if pool else 0,
+    }
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 
@@ -149,8 +161,9 @@ def _load_pool(config: InferenceConfig) -> AdapterPool | None:
     return pool.filter("lora_type", config.lora_type)
 
 
-def _select(config: InferenceConfig, pool: AdapterPool | None,
-            samples: Sequence[Sample]) -> tuple[list[list[RetrievedAdapter]], bool]:
+def _select(
+    config: InferenceConfig, pool: AdapterPool | None, samples: Sequence[Sample]
+) -> tuple[list[list[RetrievedAdapter]], bool]:
     """Per sample, the adapters and weights to compose; and whether they came from retrieval."""
     method = config.merge_method
     if method == "base" or pool is None:
@@ -161,15 +174,24 @@ def _select(config: InferenceConfig, pool: AdapterPool | None,
             name = task_adapter(pool, sample.task)
             selections.append([RetrievedAdapter(name, 1.0, float("nan"))] if name else [])
             if name is None:
-                logger.warning("sample %s: no adapter for task %r in the pool; oracle runs the base model",
-                               sample.id, sample.task)
+                logger.warning(
+                    "sample %s: no adapter for task %r in the pool; oracle runs the base model",
+                    sample.id,
+                    sample.task,
+                )
         return selections, False
     from lora_retriever.embedders import EmbedderConfig
 
     embedder = EmbedderConfig(backend=config.embedder, model_path=config.embedder_path, device=config.device)
     retriever = LoraRetriever(
-        LoraRetrieverConfig(top_k=config.top_k, weight_mode=config.composition_weight_mode,
-                            temperature=config.retrieval_temperature, embedder=embedder), pool=pool)
+        LoraRetrieverConfig(
+            top_k=config.top_k,
+            weight_mode=config.composition_weight_mode,
+            temperature=config.retrieval_temperature,
+            embedder=embedder,
+        ),
+        pool=pool,
+    )
     if config.show_similarities:
         logger.info("similarities:\n%s", retriever.show_similarities([s.query for s in samples[:10]]))
     exclude = [task_adapter(pool, s.task) for s in samples] if config.ood else None
@@ -179,9 +201,16 @@ def _select(config: InferenceConfig, pool: AdapterPool | None,
         if getattr(retriever.embedder, "supports_images", False):
             images = [s.load_images() for s in samples]
         else:
-            logger.warning("embedder %s is text-only: images are ignored for retrieval", retriever.embedder.model_id)
-    selections = retriever.retrieve([s.query for s in samples], top_k, images=images, exclude=exclude,
-                                    weight_mode="uniform" if method == "selection" else None)
+            logger.warning(
+                "embedder %s is text-only: images are ignored for retrieval", retriever.embedder.model_id
+            )
+    selections = retriever.retrieve(
+        [s.query for s in samples],
+        top_k,
+        images=images,
+        exclude=exclude,
+        weight_mode="uniform" if method == "selection" else None,
+    )
     return selections, True
 
 
@@ -221,7 +250,9 @@ def _generate_some(composer, samples: Sequence[Sample], selections) -> list[str]
     return composer.generate([s.query for s in samples], selections, images)
 
 
-def score(records: Sequence[dict[str, Any]], pool: AdapterPool | None, *, retrieved: bool, top_k: int) -> dict[str, Any]:
+def score(
+    records: Sequence[dict[str, Any]], pool: AdapterPool | None, *, retrieved: bool, top_k: int
+) -> dict[str, Any]:
     """Per-task and overall metrics: exact match, ROUGE-L, BLEU, failures, retrieval top-1/top-k accuracy."""
     by_task: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for record in records:
@@ -231,7 +262,9 @@ def score(records: Sequence[dict[str, Any]], pool: AdapterPool | None, *, retrie
     return {"tasks": tasks, "overall": overall, "top_k": top_k}
 
 
-def _score_group(records: Sequence[dict[str, Any]], pool: AdapterPool | None, retrieved: bool) -> dict[str, Any]:
+def _score_group(
+    records: Sequence[dict[str, Any]], pool: AdapterPool | None, retrieved: bool
+) -> dict[str, Any]:
     scored = [r for r in records if r["reference"] is not None]
     preds = [r["prediction"] if r["error"] is None else "" for r in scored]
     refs = [r["reference"] for r in scored]
@@ -246,7 +279,9 @@ def _score_group(records: Sequence[dict[str, Any]], pool: AdapterPool | None, re
         known = [(r, task_adapter(pool, r["task"])) for r in records]
         known = [(r, name) for r, name in known if name]
         if known:
-            out["retrieval_top1"] = _mean([float(bool(r["selected"]) and r["selected"][0]["name"] == n) for r, n in known])
+            out["retrieval_top1"] = _mean(
+                [float(bool(r["selected"]) and r["selected"][0]["name"] == n) for r, n in known]
+            )
             out["retrieval_topk"] = _mean([float(n in [a["name"] for a in r["selected"]]) for r, n in known])
     return out
 

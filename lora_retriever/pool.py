@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from lora_retriever.embedders.meta import EmbeddingMeta, check_compatible
 from swift.utils import get_logger
 
 logger = get_logger(__name__)
@@ -132,7 +133,7 @@ class AdapterPool:
         self.entries = list(entries)
         self._by_name = {e.lora_name: e for e in self.entries}
         self._keys: np.ndarray | None = None
-        self._key_meta: dict[str, Any] | None = None
+        self._key_meta: EmbeddingMeta | None = None
 
     # -- building -----------------------------------------------------------------------------------------
 
@@ -262,29 +263,26 @@ class AdapterPool:
             self._keys = keys / np.maximum(norms, 1e-12)
         return self._keys
 
-    def key_meta(self) -> dict[str, Any] | None:
-        """The embedder identity shared by the pool's keys (``model_id``, ``dim``), from the ``.meta.json``
-        files; ``None`` for legacy keys without metadata.
+    def key_meta(self) -> EmbeddingMeta | None:
+        """The identity of the embedder that made the pool's keys (from their ``.meta.json`` files);
+        ``None`` for legacy keys without metadata (then only the dimension can be checked).
 
         Raises:
-            ValueError: two keys were made by different embedders.
+            ValueError: two keys were made by incompatible embedders (model, dim, instruction or adapter).
         """
         if self._key_meta is None:
             metas = {}
             for e in self.entries:
                 meta_path = key_meta_path(e.embedding_path) if e.embedding_path else None
                 if meta_path is not None and meta_path.is_file():
-                    meta = json.loads(meta_path.read_text())
-                    metas[e.lora_name] = (meta.get("model_id"), int(meta.get("dim", 0)))
+                    metas[e.lora_name] = EmbeddingMeta.from_dict(json.loads(meta_path.read_text()))
             if not metas:
                 logger.warning("pool keys have no .meta.json: the embedder that made them can't be checked")
                 return None
-            distinct = sorted(set(metas.values()), key=str)
-            if len(distinct) > 1:
-                by = {v: [n for n, m in metas.items() if m == v] for v in distinct}
-                raise ValueError(f"pool keys were made by different embedders: {by}; rebuild them with one")
-            model_id, dim = distinct[0]
-            self._key_meta = {"model_id": model_id, "dim": dim}
+            (first_name, first), *rest = metas.items()
+            for name, meta in rest:
+                check_compatible(first, meta, f"keys of {first_name!r} vs {name!r}")
+            self._key_meta = first
         return self._key_meta
 
     def save(self, config_path: str | Path) -> None:

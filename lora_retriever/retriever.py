@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from lora_retriever.embedders.meta import check_compatible
 from lora_retriever.index import INDEX_KINDS, KeyIndex, build_index
 from lora_retriever.pool import AdapterPool
 from swift.utils import get_logger
@@ -157,8 +158,16 @@ class LoraRetriever:
         """The key index, built on first use; checked against the pool keys' embedder."""
         if self._index is None:
             meta = self.pool.key_meta()
-            self._index = build_index(self.pool.keys(), self.config.index, model_id=meta and meta["model_id"])
+            self._index = build_index(
+                self.pool.keys(), self.config.index, model_id=meta.model_id if meta else None
+            )
         return self._index
+
+    def check_embedder(self) -> None:
+        """Raise unless the query embedder is the one that made the keys (model, dim, instruction, adapter)."""
+        keys_meta = self.pool.key_meta()
+        if keys_meta is not None:
+            check_compatible(keys_meta, self.embedder.meta("query"), "adapter keys vs query embedder")
 
     def embed_queries(
         self, queries: Sequence[str] | None, images: Sequence[Sequence[Image]] | None = None
@@ -197,6 +206,7 @@ class LoraRetriever:
             ValueError: ``exclude`` of the wrong length, bad ``top_k``/mode, or query vectors from another
                 embedder than the keys.
         """
+        self.check_embedder()
         vectors = self.embed_queries(queries, images)
         model_id = getattr(self.embedder, "model_id", None)
         return self.retrieve_vectors(

@@ -41,7 +41,7 @@ def test_pool_resolves_relative_paths_and_keeps_unknown_fields(tmp_path):
     assert pool["a"].extra == {"lora_type": "app", "owner": "me"}
     assert pool.keys().shape == (2, 8)
     np.testing.assert_allclose(np.linalg.norm(pool.keys(), axis=1), 1.0, rtol=1e-6)
-    assert pool.key_meta() == {"model_id": "test-embedder", "dim": 8}
+    assert (pool.key_meta().model_id, pool.key_meta().dim) == ("test-embedder", 8)
     out = tmp_path / "copy" / "pool.json"
     pool.save(out)
     saved = json.loads(out.read_text())

@@ -294,7 +294,9 @@ def register_template(model_type: str, template_cls: type[Template]) -> None:
 
 for _text_type in ("smollm2-135m-instruct", "llama", "qwen2", "causal-lm"):
     register_template(_text_type, ChatTemplate)
-for _vlm_type in ("qwen2-vl", "qwen2.5-vl", "internvl", "llava", "internvl2"):
+# Not "internvl2": the original checkpoints ship no processor (their remote code tiles images itself); use
+# the "-hf" conversion with model_type "internvl".
+for _vlm_type in ("qwen2-vl", "qwen2.5-vl", "internvl", "llava"):
     register_template(_vlm_type, VisionChatTemplate)
 
 
@@ -373,7 +375,7 @@ def _split_query(query: str, num_images: int) -> list[str]:
     """
     tags = query.count(IMAGE_TAG)
     if tags == 0 and num_images > 0:
-        return [""] * num_images + [query.strip()]
+        return [""] * num_images + [query]
     if tags != num_images:
         raise ValueError(
             f"the query has {tags} {IMAGE_TAG} tag(s) but {num_images} image(s) were given for it: {query[:60]!r}. "

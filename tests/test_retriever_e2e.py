@@ -1,0 +1,309 @@
+"""The main path end to end: keys from samples (real MiniLM) -> retrieval -> mixture / fusion -> generate -> score."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from peft import PeftModel
+
+from lora_retriever import AdapterPool, FusionComposer, LoraRetriever, LoraRetrieverConfig, MixtureComposer
+from lora_retriever.embed_pool import embed_pool
+from lora_retriever.embedders import EmbedderConfig, get_embedder
+from lora_retriever.pool import key_meta_path
+from lora_retriever.retriever import RetrievedAdapter
+from swift.llm import get_model_tokenizer, get_template
+from swift.tuners import lora_mixture_context
+from tests.factories import make_lora_dir
+from tests.tiny_vlms import save_tiny_llama
+
+TASKS = {
+    "capitals": (
+        [f"What is the capital of {c}?" for c in ("France", "Japan", "Peru", "Kenya", "Chile", "Spain")],
+        ["Which city is the capital of Italy?", "Name the capital city of Egypt."],
+    ),
+    "arithmetic": (
+        [f"What is {a} + {b}?" for a, b in ((12, 35), (40, 2), (7, 19), (55, 31), (3, 8), (60, 27))],
+        ["Add 14 and 23.", "Compute the sum of 45 and 16."],
+    ),
+    "translation": (
+        [
+            f"Translate the country name {c} into French."
+            for c in ("Germany", "Spain", "Brazil", "China", "Norway", "Greece")
+        ],
+        ["How do you say Sweden in French?", "Give the French name of the country Mexico."],
+    ),
+    "sentiment": (
+        [
+            f"Is the word '{w}' positive or negative?"
+            for w in ("happy", "awful", "lovely", "terrible", "great", "sad")
+        ],
+        [
+            "Tell me whether 'wonderful' has a positive or negative sentiment.",
+            "What is the sentiment of the word 'horrible'?",
+        ],
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return get_embedder(EmbedderConfig())
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, minilm):
+    """A tiny Llama dir, four task adapters with samples, a pool config with MiniLM keys, and a test set."""
+    root = tmp_path_factory.mktemp("e2e")
+    model_dir = save_tiny_llama(root / "model")
+    model, _ = get_model_tokenizer("llama", model_dir)
+    entries, test = [], []
+    for i, (task, (train, queries)) in enumerate(TASKS.items()):
+        make_lora_dir(
+            model,
+            root / "adapters" / task,
+            r=4 + 4 * (i % 2),
+            lora_alpha=16,
+            target_modules=["q_proj", "v_proj", "down_proj"],
+            seed=10 + i,
+            std=0.2,
+        )
+        samples = root / "samples" / f"{task}.jsonl"
+        samples.parent.mkdir(exist_ok=True)
+        samples.write_text("".join(json.dumps({"input": q, "output": "x"}) + "\n" for q in train))
+        entries.append(
+            {
+                "lora_name": task,
+                "lora_path": f"adapters/{task}",
+                "samples_path": f"samples/{task}.jsonl",
+                "description": task,
+                "lora_type": "app" if i % 2 else "category",
+            }
+        )
+        test += [
+            {"id": f"{task}-{j}", "query": q, "response": "x", "task": task} for j, q in enumerate(queries)
+        ]
+    config = root / "pool.json"
+    config.write_text(json.dumps(entries))
+    embed_pool(config, minilm, num_samples=5, progress=False)
+    test_path = root / "test.jsonl"
+    test_path.write_text("".join(json.dumps(t) + "\n" for t in test))
+    return {"root": root, "model_dir": model_dir, "config": config, "test": test_path, "queries": test}
+
+
+def test_embed_pool_writes_keys_meta_and_config(setup):
+    config = json.loads(setup["config"].read_text())
+    assert [e["embedding_path"] for e in config] == [f"keys/{t}.npy" for t in TASKS]
+    assert config[0]["lora_type"] == "category"  # unknown fields kept through the rewrite
+    key_path = setup["root"] / "keys" / "capitals.npy"
+    key = np.load(key_path)
+    assert key.shape == (384,) and abs(np.linalg.norm(key) - 1) < 1e-5
+    meta = json.loads(key_meta_path(key_path).read_text())
+    assert meta["model_id"] == "all-MiniLM-L6-v2" and meta["dim"] == 384 and meta["num_samples"] == 5
+    assert len(set(meta["sample_ids"])) == 5 and meta["instruction"] and meta["date"]
+
+
+def test_minilm_retrieves_the_right_adapter_for_reworded_queries(setup, minilm):
+    retriever = LoraRetriever(
+        LoraRetrieverConfig(pool_configs=[str(setup["config"])], top_k=2), embedder=minilm
+    )
+    queries = setup["queries"]
+    results = retriever.retrieve([q["query"] for q in queries])
+    assert [r[0].name for r in results] == [q["task"] for q in queries]
+    assert all(abs(sum(a.weight for a in r) - 1) < 1e-9 for r in results)
+    ood = retriever.retrieve([q["query"] for q in queries], exclude=[q["task"] for q in queries])
+    assert all(q["task"] not in [a.name for a in r] for q, r in zip(queries, ood))
+    table = retriever.show_similarities([queries[0]["query"]])
+    assert "capitals" in table.splitlines()[1]
+    app_only = LoraRetriever(
+        LoraRetrieverConfig(pool_configs=[str(setup["config"])], lora_type="app"), embedder=minilm
+    )
+    assert app_only.pool.names == ["arithmetic", "sentiment"]
+
+
+def test_query_embedder_must_match_the_keys(setup):
+    other = get_embedder(EmbedderConfig(query_instruction="query: "))
+    retriever = LoraRetriever(LoraRetrieverConfig(pool_configs=[str(setup["config"])]), embedder=other)
+    with pytest.raises(ValueError, match="instruction"):
+        retriever.retrieve(["What is the capital of Peru?"])
+
+
+@pytest.fixture(scope="module")
+def lm(setup):
+    model, tokenizer = get_model_tokenizer("llama", setup["model_dir"])
+    return model, get_template("llama", tokenizer)
+
+
+def test_cat_fusion_generates_exactly_like_mixture(setup, lm):
+    model, template = lm
+    pool = AdapterPool.from_configs(setup["config"])
+    queries = [q["query"] for q in setup["queries"][:4]]
+    selections = [
+        [RetrievedAdapter("capitals", 0.5, 0.9), RetrievedAdapter("arithmetic", 0.5, 0.8)],
+        [RetrievedAdapter("translation", 1.0, 0.9)],
+        [RetrievedAdapter("capitals", 0.5, 0.9), RetrievedAdapter("arithmetic", 0.5, 0.8)],
+        [
+            RetrievedAdapter("sentiment", 0.2, 0.9),
+            RetrievedAdapter("capitals", 0.3, 0.5),
+            RetrievedAdapter("translation", 0.5, 0.4),
+        ],
+    ]
+    from transformers import GenerationConfig
+
+    gen = GenerationConfig(max_new_tokens=6, do_sample=False)
+    mixture = MixtureComposer(
+        copy.deepcopy(model), template, pool, batch_size=4, generation_config=gen, progress=False
+    )
+    fusion = FusionComposer(
+        copy.deepcopy(model),
+        template,
+        pool,
+        method="cat",
+        batch_size=4,
+        cache_size=2,
+        generation_config=gen,
+        progress=False,
+    )
+    mixed = mixture.generate(queries, selections)
+    fused = fusion.generate(queries, selections)
+    assert mixed == fused
+    assert (
+        len(fusion._fused) <= 3
+    )  # three distinct selections in one batch (pinned), then trimmed to the cache
+    base = MixtureComposer(
+        copy.deepcopy(model), template, pool, batch_size=4, generation_config=gen, progress=False
+    ).generate(queries, [[] for _ in queries])
+    assert base != mixed
+
+    # Logit-level: the saved cat adapter, in plain PEFT, equals the mixture of its sources for that sample.
+    out = fusion.save(selections[3], setup["root"] / "fused_cat")
+    ids = template.encode_batch([queries[3]])["input_ids"]
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(model), str(out)).eval()
+    with (
+        torch.no_grad(),
+        lora_mixture_context(torch.tensor([[0.2, 0.3, 0.5]]), ["sentiment", "capitals", "translation"]),
+    ):
+        mixture_logits = mixture.model(input_ids=ids).logits
+    with torch.no_grad():
+        assert (peft_model(input_ids=ids).logits - mixture_logits).abs().max() <= 1e-5
+
+
+def test_svd_fusion_composer_reports_truncation(setup, lm):
+    model, template = lm
+    pool = AdapterPool.from_configs(setup["config"])
+    sel = [RetrievedAdapter("capitals", 0.5, 0.9), RetrievedAdapter("arithmetic", 0.5, 0.8)]
+    exact = FusionComposer(copy.deepcopy(model), template, pool, method="svd").fused_adapter(sel)
+    cut = FusionComposer(
+        copy.deepcopy(model), template, pool, method="svd", fusion_options={"svd_rank": 2}
+    ).fused_adapter(sel)
+    assert max(exact.truncation_error.values()) < 1e-6
+    assert min(cut.truncation_error.values()) > 0
+
+
+@pytest.mark.parametrize("method", ["mixture", "fusion", "selection", "base", "oracle"])
+def test_cli_end_to_end_every_merge_method(setup, method, tmp_path):
+    import infer_lora_retriever
+
+    out = tmp_path / method
+    argv = [
+        "--test_data",
+        str(setup["test"]),
+        "--model_type",
+        "llama",
+        "--model_path",
+        str(setup["model_dir"]),
+        "--pool",
+        str(setup["config"]),
+        "--merge_method",
+        method,
+        "--top_k",
+        "2",
+        "--max_new_tokens",
+        "3",
+        "--batch_size",
+        "3",
+        "--output_dir",
+        str(out),
+        "--quiet",
+    ]
+    assert infer_lora_retriever.main(argv) == 0
+    records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(records) == len(setup["queries"]) and all(r["error"] is None for r in records)
+    assert set(metrics["tasks"]) == set(TASKS) and metrics["overall"]["n"] == len(records)
+    expected_k = {"mixture": 2, "fusion": 2, "selection": 1, "base": 0, "oracle": 1}[method]
+    assert all(len(r["selected"]) == expected_k for r in records)
+    if method in ("mixture", "fusion", "selection"):
+        assert metrics["overall"]["retrieval_top1"] == 1.0
+    if method == "oracle":
+        assert all(r["selected"][0]["name"] == r["task"] for r in records)
+
+
+def test_cli_ood_and_failures_are_recorded(setup, tmp_path, monkeypatch):
+    import infer_lora_retriever
+    from lora_retriever import pipeline
+
+    real = pipeline._generate_some
+
+    def flaky(composer, samples, selections):
+        if any("Peru" in s.query for s in samples):
+            raise RuntimeError("simulated failure")
+        return real(composer, samples, selections)
+
+    lines = setup["test"].read_text().splitlines()
+    data = tmp_path / "test.jsonl"
+    data.write_text(
+        "\n".join(
+            lines
+            + [json.dumps({"id": "bad", "query": "Capital of Peru?", "response": "Lima", "task": "capitals"})]
+        )
+        + "\n"
+    )
+    monkeypatch.setattr(pipeline, "_generate_some", flaky)
+    out = tmp_path / "ood"
+    argv = [
+        "--test_data",
+        str(data),
+        "--model_type",
+        "llama",
+        "--model_path",
+        str(setup["model_dir"]),
+        "--pool",
+        str(setup["config"]),
+        "--ood",
+        "--top_k",
+        "2",
+        "--max_new_tokens",
+        "2",
+        "--output_dir",
+        str(out),
+        "--quiet",
+    ]
+    assert infer_lora_retriever.main(argv) == 0
+    records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(records) == len(lines) + 1
+    assert all(r["task"] not in [a["name"] for a in r["selected"]] for r in records)
+    bad = [r for r in records if r["id"] == "bad"]
+    assert bad[0]["error"] == "RuntimeError: simulated failure" and bad[0]["prediction"] == ""
+    assert sum(r["error"] is not None for r in records) == 1
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["tasks"]["capitals"]["failed"] == 1 and metrics["overall"]["failed"] == 1
+    assert "retrieval_top1" not in metrics["overall"]  # meaningless when the own adapter is excluded
+
+
+def test_cli_bad_inputs(setup, tmp_path):
+    import infer_lora_retriever
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"query": "ok"}\n{"query": \n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: malformed JSON"):
+        infer_lora_retriever.main(["--test_data", str(bad), "--pool", str(setup["config"])])
+    with pytest.raises(ValueError, match="needs an adapter pool"):
+        infer_lora_retriever.main(["--test_data", str(setup["test"])])
+    img = tmp_path / "img.jsonl"
+    img.write_text(json.dumps({"query": "<image> what?", "images": ["missing.png"]}) + "\n")
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        infer_lora_retriever.main(["--test_data", str(img), "--merge_method", "base"])
