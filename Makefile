@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv test test-slow lint format demo bench clean
+.PHONY: venv test test-slow lint format demo eval-paper bench clean
 
 venv: $(STAMP)
 
@@ -37,8 +37,10 @@ test-slow: venv
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
 demo: venv
-	@echo "make demo: the end-to-end demo (train task adapters, retrieve, compose) arrives with issue #4."
-	@echo "Until then, run the mixture benchmark: make bench"
+	$(PY) -m lora_retriever.demo
+
+eval-paper: venv
+	$(PY) -m lora_retriever.eval
 
 bench: venv
 	$(PY) benchmarks/bench_mixture.py

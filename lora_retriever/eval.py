@@ -1,0 +1,234 @@
+"""The LoraRetriever paper's protocol at small scale: ``python -m lora_retriever.eval``.
+
+Zhao et al. 2024 ("LoraRetriever: Input-Aware LoRA Retrieval and Composition for Mixed Tasks in the Wild",
+Sec. 4) compare, on a mixed-task test set: the base model, perfect selection (each sample's own adapter),
+retrieval + selection (top-1), retrieval + mixture (top-3), retrieval + fusion (top-3, A and B averaged),
+and an AdapterSoup-style uniform mixture of all adapters; in-domain (IID: every adapter available) and
+out-of-domain (OOD: each sample's own adapter excluded, so the others must transfer). We add exact `cat`
+fusion, and the retriever's top-1/top-3 accuracy on two differently worded query sets.
+
+Works on the demo pool (``make demo`` builds it): one model load, one embedding pass, every method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lora_retriever.retriever import RetrievedAdapter, adapter_weights
+from swift.utils import get_logger
+
+logger = get_logger(__name__)
+
+# (method, needs retrieval, composer kind, k)
+METHODS = {
+    "base": ("none", "mixture", 0),
+    "oracle": ("oracle", "mixture", 1),
+    "selection": ("retrieval", "mixture", 1),
+    "mixture": ("retrieval", "mixture", 3),
+    "fusion_linear": ("retrieval", "linear", 3),
+    "fusion_cat": ("retrieval", "cat", 3),
+    "uniform_all": ("all", "mixture", 0),
+}
+
+
+def select(
+    method: str, sims: np.ndarray, names: list[str], own: list[str], ood: bool, top_k: int
+) -> list[list]:
+    """Per sample, the adapters a method composes (weights sum to 1)."""
+    source, _, k = METHODS[method]
+    k = top_k if method in ("mixture", "fusion_linear", "fusion_cat") else k
+    out = []
+    for i, task in enumerate(own):
+        allowed = [j for j, n in enumerate(names) if not (ood and n == task)]
+        if source == "none":
+            out.append([])
+        elif source == "oracle":
+            out.append([RetrievedAdapter(task, 1.0, float(sims[i, names.index(task)]))])
+        elif source == "all":
+            out.append([RetrievedAdapter(names[j], 1.0 / len(allowed), float(sims[i, j])) for j in allowed])
+        else:
+            ranked = sorted(allowed, key=lambda j: (-sims[i, j], j))[:k]
+            weights = adapter_weights(sims[i, ranked], "uniform")
+            out.append(
+                [RetrievedAdapter(names[j], float(w), float(sims[i, j])) for j, w in zip(ranked, weights)]
+            )
+    return out
+
+
+def retrieval_accuracy(sims: np.ndarray, names: list[str], own: list[str], k: int) -> float:
+    top = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    return float(np.mean([names.index(t) in row for t, row in zip(own, top)]))
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    from transformers import GenerationConfig
+
+    from lora_retriever.composition import FusionComposer, MixtureComposer
+    from lora_retriever.data import read_samples
+    from lora_retriever.embedders import EmbedderConfig, get_embedder
+    from lora_retriever.pool import AdapterPool
+    from lora_retriever.retriever import LoraRetriever, LoraRetrieverConfig
+    from lora_retriever.tasks import is_correct
+    from swift.llm import get_model_tokenizer, get_template
+
+    torch.manual_seed(args.seed)
+    pool = AdapterPool.from_configs(args.pool)
+    names = pool.names
+    retriever = LoraRetriever(
+        LoraRetrieverConfig(top_k=args.top_k), pool=pool, embedder=get_embedder(EmbedderConfig())
+    )
+    retriever.check_embedder()
+    keys = pool.keys()
+    samples = read_samples(args.test_data, limit=args.num_samples)
+    alt = read_samples(args.test_alt, limit=args.num_samples) if args.test_alt else None
+    own = [s.task for s in samples]
+    missing = sorted({t for t in own if t not in names})
+    if missing:
+        raise ValueError(f"tasks {missing} have no adapter of the same name in {args.pool}")
+    sims = retriever.embed_queries([s.query for s in samples]) @ keys.T
+    result: dict[str, Any] = {"retrieval": {}, "scores": {}, "settings": vars(args).copy()}
+    for wording, rows, data in (("test", sims, samples), ("test_alt", None, alt)):
+        if data is None:
+            continue
+        rows = rows if rows is not None else retriever.embed_queries([s.query for s in data]) @ keys.T
+        tasks = [s.task for s in data]
+        result["retrieval"][wording] = {f"top{k}": retrieval_accuracy(rows, names, tasks, k) for k in (1, 3)}
+
+    model, tokenizer = get_model_tokenizer(args.model_type, args.model_path)
+    template = get_template(args.model_type, tokenizer)
+    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=False)
+    composers = {
+        "mixture": MixtureComposer(model, template, pool, batch_size=args.batch_size, generation_config=gen),
+    }
+    for kind in ("linear", "cat"):
+        composers[kind] = FusionComposer(
+            composers["mixture"].ensure_loaded(names),
+            template,
+            pool,
+            method=kind,
+            batch_size=args.batch_size,
+            generation_config=gen,
+            cache_size=64,
+        )
+    queries = [s.query for s in samples]
+    for method in args.methods:
+        for setting in ("iid", "ood"):
+            if setting == "ood" and method in ("base", "oracle"):
+                continue  # base has no adapter to exclude; oracle's only adapter is the excluded one
+            start = time.perf_counter()
+            selections = select(method, sims, names, own, setting == "ood", args.top_k)
+            composer = composers[METHODS[method][1]]
+            answers = composer.generate(queries, selections)
+            correct = [is_correct(s.task, a, s.response) for s, a in zip(samples, answers)]
+            per_task = {
+                t: float(np.mean([c for c, s in zip(correct, samples) if s.task == t]))
+                for t in sorted(set(own))
+            }
+            result["scores"][f"{method}/{setting}"] = {
+                "per_task": per_task,
+                "average": float(np.mean(correct)),
+                "seconds": round(time.perf_counter() - start, 1),
+            }
+            logger.info(
+                "%s/%s: exact match %.3f (%.0f s)",
+                method,
+                setting,
+                np.mean(correct),
+                time.perf_counter() - start,
+            )
+            examples = [
+                {
+                    "id": s.id,
+                    "task": s.task,
+                    "answer": a,
+                    "reference": s.response,
+                    "selected": [x.name for x in sel],
+                }
+                for s, a, sel in list(zip(samples, answers, selections))[:3]
+            ]
+            result["scores"][f"{method}/{setting}"]["examples"] = examples
+    return result
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    columns = list(result["scores"])
+    tasks = sorted(next(iter(result["scores"].values()))["per_task"])
+    lines = ["| task | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for task in tasks:
+        lines.append(
+            f"| {task} | "
+            + " | ".join(f"{result['scores'][c]['per_task'][task]:.2f}" for c in columns)
+            + " |"
+        )
+    lines.append(
+        "| **average** | " + " | ".join(f"**{result['scores'][c]['average']:.3f}**" for c in columns) + " |"
+    )
+    retrieval = ", ".join(
+        f"{w}: top-1 {v['top1']:.3f}, top-3 {v['top3']:.3f}" for w, v in result["retrieval"].items()
+    )
+    return "\n".join(lines) + f"\n\nRetriever accuracy (own adapter among the retrieved): {retrieval}\n"
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(dict.fromkeys(c.split("/")[0] for c in result["scores"]))
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    width = 0.38
+    for offset, setting in ((-width / 2, "iid"), (width / 2, "ood")):
+        values = [result["scores"].get(f"{m}/{setting}", {}).get("average", np.nan) for m in methods]
+        ax.bar(np.arange(len(methods)) + offset, values, width, label=setting.upper())
+    ax.set_xticks(np.arange(len(methods)), methods, rotation=20)
+    ax.set_ylabel("exact match (average over tasks)")
+    ax.set_title("LoraRetriever protocol on the offline task suite (SmolLM2-135M)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--pool", default="data/demo/pool/pool.json", help="pool config (built by make demo)")
+    parser.add_argument("--test_data", default="data/demo/tasks/test_mixed.jsonl")
+    parser.add_argument(
+        "--test_alt",
+        default="data/demo/tasks/test_mixed_alt.jsonl",
+        help="the differently worded queries ('' to skip)",
+    )
+    parser.add_argument("--model_type", default="smollm2-135m-instruct")
+    parser.add_argument("--model_path", default=None)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--top_k", type=int, default=3)
+    parser.add_argument("--num_samples", type=int, default=None)
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--max_new_tokens", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output_dir", default="outputs/paper_protocol")
+    args = parser.parse_args(argv)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    result = run(args)
+    table = markdown_table(result)
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "table.md").write_text(table)
+    plot(result, out / "results.png")
+    print(table)
+    print(f"written: {out / 'table.md'}, {out / 'results.json'}, {out / 'results.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
