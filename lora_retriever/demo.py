@@ -48,6 +48,13 @@ def build_tasks(work_dir: Path, n_test: int, seed: int) -> Path:
     return tasks_dir
 
 
+RECIPE_STAMP = "demo_recipe.json"
+
+
+def recipe(steps: int) -> dict:
+    return {**TRAIN_ARGS, "max_steps": steps}
+
+
 def train_command(task: str, tasks_dir: Path, pool_dir: Path, steps: int) -> list[str]:
     from lora_retriever.tasks import get_task
 
@@ -127,6 +134,8 @@ def train_all(tasks: list[str], tasks_dir: Path, pool_dir: Path, steps: int, wor
                     if proc.returncode != 0:
                         failed.append(task)
                         logger.error("training %s failed (exit %d); see %s", task, proc.returncode, log)
+                    else:
+                        (pool_dir / task / RECIPE_STAMP).write_text(json.dumps(recipe(steps)))
     if failed:
         raise RuntimeError(f"training failed for {failed}; logs in {pool_dir}/<task>.train.log")
 
