@@ -369,3 +369,18 @@ def test_delete_and_add_in_memory_keep_other_adapters_exact(tmp_path):
         pytest.raises(RuntimeError, match="inside a lora_mixture_context"),
     ):
         model.delete_adapter("a0")
+
+
+def test_eval_model_has_no_lora_dropout(tmp_path):
+    """Adapters with lora_dropout > 0 loaded into an eval model stay deterministic (dropout off)."""
+    base = tiny_causal_lm("llama")
+    make_lora_dir(base, tmp_path / "d", r=4, lora_dropout=0.5)
+    model = Swift.from_pretrained(copy.deepcopy(base), tmp_path / "d", adapter_name="d")
+    assert all(not layer.training for _, layer in model.lora_layers())
+    ids = torch.randint(3, VOCAB, (2, 6))
+    with torch.no_grad():
+        expected = (
+            PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "d")).eval()(input_ids=ids).logits
+        )
+        assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+        assert (model(input_ids=ids).logits - expected).abs().max() <= TOL

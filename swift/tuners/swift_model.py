@@ -232,6 +232,7 @@ class SwiftModel(nn.Module):
         if isinstance(module, LoraLinear):
             return module
         layer = LoraLinear(module, name, lora_dtype=self.lora_dtype)
+        layer.train(module.training)  # a new layer follows the model's mode: no dropout in an eval model
         layer.requires_row_index = any(part in VISION_MODULE_NAMES for part in name.split("."))
         parent_name, _, child = name.rpartition(".")
         parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
