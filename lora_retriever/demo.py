@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--work_dir", default="data/demo", help="cache for tasks, adapters and keys")
     parser.add_argument("--output_dir", default="outputs/demo", help="where predictions and metrics go")
-    parser.add_argument("--steps", type=int, default=60, help="training steps per adapter (batch 8)")
+    parser.add_argument("--steps", type=int, default=50, help="training steps per adapter (batch 8)")
     parser.add_argument("--workers", type=int, default=2, help="trainings run at a time (one thread each)")
     parser.add_argument("--n_test", type=int, default=20, help="test items per task")
     parser.add_argument("--top_k", type=int, default=3)
