@@ -89,13 +89,10 @@ def train_command(task: str, tasks_dir: Path, pool_dir: Path, steps: int) -> lis
 def is_trained(pool_dir: Path, task: str, steps: int) -> bool:
     """A finished adapter trained with this recipe, registered in the pool with its key."""
     out = pool_dir / task
-    args_file, config = out / "training_args.json", pool_dir / "pool.json"
-    if not (out / "adapter_model.safetensors").is_file() or not args_file.is_file() or not config.is_file():
+    stamp, config = out / RECIPE_STAMP, pool_dir / "pool.json"
+    if not (out / "adapter_model.safetensors").is_file() or not stamp.is_file() or not config.is_file():
         return False
-    recorded = json.loads(args_file.read_text())
-    if recorded.get("max_steps") != steps or any(
-        str(recorded.get(k)) != str(v) for k, v in TRAIN_ARGS.items()
-    ):
+    if json.loads(stamp.read_text()) != recipe(steps):
         return False
     entries = {e["lora_name"]: e for e in json.loads(config.read_text())}
     return task in entries and (pool_dir / entries[task].get("embedding_path", "missing")).is_file()
@@ -116,6 +113,7 @@ def train_all(tasks: list[str], tasks_dir: Path, pool_dir: Path, steps: int, wor
         while todo or running:
             while todo and len(running) < workers:
                 task = todo.pop(0)
+                (pool_dir / task / RECIPE_STAMP).unlink(missing_ok=True)  # stale until this training succeeds
                 log = pool_dir / f"{task}.train.log"
                 handle = log.open("w")
                 proc = subprocess.Popen(
