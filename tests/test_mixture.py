@@ -252,7 +252,11 @@ def test_only_used_adapters_are_read():
     with torch.no_grad(), lora_mixture_context(weights, names) as routing:
         layer(torch.randn(3, 1, 8))
         state = lora_layers._MIXTURE.get()
-        assert state.layers[id(layer)].a_union.shape == (8, 8)  # two adapters of rank 4
+        cache = state.layers[id(layer)]
+        slots = [layer.slots["p5"], layer.slots["p40"]]
+        expected_rows = [r for slot in slots for r in range(slot.start, slot.start + slot.r)]
+        assert cache.plan.union_rows.tolist() == expected_rows  # two adapters of rank 4, nothing else
+        assert cache.a_sel.shape == (3, 8, 4)  # gather kernel: [batch, in, L] with L = one adapter's rank
     assert routing.used_names() == ["p5", "p40"]
 
 

@@ -284,11 +284,16 @@ class _LayerCache:
     a_union: torch.Tensor | None = None  # [R_U, in]
     b_union: torch.Tensor | None = None  # [R_U, out]
     coef: torch.Tensor | None = None  # [batch, R_U]
+    a_sel: torch.Tensor | None = None  # [batch, in, L] each sample's own rows (gather kernel)
+    b_sel: torch.Tensor | None = None  # [batch, L, out]
+    gather_coef: torch.Tensor | None = None  # [batch, 1, L]
 
 
-# Kernel selection (measured with benchmarks/bench_mixture.py; see docs/decisions.md): gather + bmm wins
-# for sequences once the union of rows is clearly wider than one sample's rows.
-GATHER_MIN_TOKENS = 8
+# Kernel selection (measured; see docs/decisions.md): once the batch's union of rows is clearly wider than one
+# sample's rows (samples use different adapters), per-sample gather + bmm does R_U / L times fewer FLOPs and
+# wins at every T, decode included (its gathered rows are cached for the context); when samples share
+# adapters, the union GEMM wins.
+GATHER_MIN_TOKENS = 1
 GATHER_MIN_UNION_RATIO = 2.0
 
 
@@ -432,6 +437,8 @@ class LoraLinear(nn.Module):
             return result
         if delta is None:
             return result
+        if delta.dtype == result.dtype and not torch.is_grad_enabled():
+            return result.add_(delta)  # inference: no second output-sized allocation
         return result + delta.to(result.dtype)
 
     def _active_delta(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -460,14 +467,17 @@ class LoraLinear(nn.Module):
         x3 = x.reshape(lead, -1, self.in_features).to(self.lora_dtype)  # [lead, T, in]
         kernel = _choose_kernel(x3.shape[1], plan, per_sample_rows=samples is None)
         if kernel == "gather":
-            if plan.gather_rows is None:
-                plan.build_gather()
-            rows = plan.gather_rows.to(self.lora_A_bank.device)
-            a_sel = self.lora_A_bank[rows]  # [batch, L, in]
-            b_sel = self.lora_B_bank[rows]  # [batch, L, out]
-            coef = plan.gather_coef.to(x3.device, self.lora_dtype)
-            hidden = torch.bmm(x3, a_sel.transpose(1, 2)) * coef.unsqueeze(1)  # [batch, T, L]
-            delta = torch.bmm(hidden, b_sel)  # [batch, T, out]
+            if cache.a_sel is None:  # gathered once per context: decode steps reuse it
+                if plan.gather_rows is None:
+                    plan.build_gather()
+                rows = plan.gather_rows.to(self.lora_A_bank.device)
+                cache.a_sel = self.lora_A_bank[rows].transpose(1, 2).contiguous()  # [batch, in, L]
+                cache.b_sel = self.lora_B_bank[rows]  # [batch, L, out]
+                cache.gather_coef = plan.gather_coef.to(x3.device, self.lora_dtype).unsqueeze(
+                    1
+                )  # [batch, 1, L]
+            hidden = torch.bmm(x3, cache.a_sel) * cache.gather_coef  # [batch, T, L]
+            delta = torch.bmm(hidden, cache.b_sel)  # [batch, T, out]
         else:
             if cache.a_union is None:  # gathered once per context: decode steps reuse it
                 rows = plan.union_rows.to(self.lora_A_bank.device)
