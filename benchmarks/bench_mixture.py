@@ -1,0 +1,406 @@
+#!/usr/bin/env python
+"""Benchmark the per-sample weighted multi-adapter LoRA mixture against its baselines.
+
+A. Layer level (``bench_mixture_layer``): one LoRA layer with SmolLM2's shapes; ours vs the plain linear, a
+   merged adapter, PEFT's mixed batch, and a loop over all N adapters; both kernels forced as well.
+B. End to end (``bench_mixture_e2e``): SmolLM2-135M-Instruct with N adapters on all linear layers; prefill
+   latency and decode tokens/s for base, merged, PEFT mixed batch and ours (k=1, k=3).
+C. A targets block: every target, the measured worst cell, PASS (every cell) or MISS.
+
+Usage (from the repository root; see benchmarks/README.md)::
+
+    LORA_RETRIEVER_CACHE=/path/to/cache .venv/bin/python benchmarks/bench_mixture.py --quick
+    LORA_RETRIEVER_CACHE=/path/to/cache .venv/bin/python benchmarks/bench_mixture.py   # ~25 min
+
+Results: ``<out-dir>/mixture_layer.{md,csv}``, ``mixture_e2e.{md,csv}``, ``mixture.json`` (``*_quick.*`` with
+``--quick``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+from bench_mixture_e2e import E2E_COLUMNS, LOAD_COLUMNS, E2EConfig, run_e2e_benchmark  # noqa: E402
+from bench_mixture_layer import LAYER_COLUMNS, run_layer_benchmark, scaling_rows  # noqa: E402
+from bench_utils import (  # noqa: E402
+    Target,
+    TimingConfig,
+    machine_info,
+    render_table,
+    setup_logging,
+    write_csv,
+    write_json,
+)
+
+logger = logging.getLogger("bench_mixture")
+
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SCALING_TARGET, NAIVE_TARGET, PEFT_TARGET = 1.2, 10.0, 1.0
+PREFILL_TARGET, DECODE_TARGET = 1.25, 0.8
+
+# Columns shown on the console (the markdown/CSV files hold all of LAYER_COLUMNS / E2E_COLUMNS).
+LAYER_CONSOLE = [
+    "layer", "N", "k", "batch", "T", "R_U", "base_us", "peft_us", "naive_us", "ours_us", "ours_cold_us",
+    "union_us", "gather_us", "auto_kernel", "auto_vs_best", "ours_over_base", "naive_over_ours", "peft_over_ours",
+]  # fmt: skip
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    here = Path(__file__).resolve().parent
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--quick", action="store_true", help="small subset for a smoke check (< 3 min)")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads (default 1: stable timings)"
+    )
+    p.add_argument(
+        "--clock",
+        choices=["cpu", "wall"],
+        default="cpu",
+        help="cpu (default): process CPU time, immune to being descheduled by other work on shared cores; "
+        "wall: perf_counter. cpu needs --threads 1 (it would sum the threads' time)",
+    )
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats per layer measurement (median)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls before each layer measurement")
+    p.add_argument(
+        "--e2e-repeats", type=int, default=3, help="timed repeats per end-to-end measurement (median)"
+    )
+    p.add_argument("--r", type=int, default=8, help="LoRA rank of every adapter")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (scaling = alpha / r)")
+    p.add_argument("--n-values", type=int, nargs="+", help="adapter pool sizes N (default 4 16 64 256)")
+    p.add_argument("--layer-modules", nargs="+", help="layer shapes to sweep (default q_proj up_proj)")
+    p.add_argument(
+        "--target-modules", nargs="+", default=list(ALL_LINEAR), help="modules the e2e adapters target"
+    )
+    p.add_argument(
+        "--peft-max-n", type=int, help="largest N loaded into PEFT end to end (default 64; 16 quick)"
+    )
+    p.add_argument(
+        "--model-type", default="smollm2-135m-instruct", help="swift.llm model_type for the e2e part"
+    )
+    p.add_argument("--skip-layer", action="store_true", help="skip part A (layer level)")
+    p.add_argument("--skip-e2e", action="store_true", help="skip part B (end to end)")
+    p.add_argument(
+        "--out-dir", type=Path, default=here / "results", help="where tables go (default benchmarks/results)"
+    )
+    p.add_argument(
+        "--adapter-dir",
+        type=Path,
+        help="where the e2e adapters are written (default: a fresh temporary directory, deleted at the end)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    verbosity = p.add_mutually_exclusive_group()
+    verbosity.add_argument("--verbose", action="store_true")
+    verbosity.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    if args.threads < 1 or args.repeats < 1 or args.e2e_repeats < 1 or args.r < 1:
+        p.error("--threads, --repeats, --e2e-repeats and --r must be positive integers")
+    if args.clock == "cpu" and args.threads != 1:
+        p.error("--clock cpu sums the CPU time of all threads; with --threads > 1 use --clock wall")
+    return args
+
+
+def settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The sweep, filled from the flags and the --quick / full defaults."""
+    quick = args.quick
+    return {
+        "mode": "quick" if quick else "full",
+        "threads": args.threads,
+        "clock": args.clock,
+        "dtype": "float32",
+        "r": args.r,
+        "lora_alpha": args.lora_alpha,
+        "seed": args.seed,
+        "layer": {
+            "modules": args.layer_modules or ["q_proj", "up_proj"],
+            "n_values": args.n_values or ([4, 64] if quick else [4, 16, 64, 256]),
+            "k_values": [1, 3],
+            "batches": [1, 8] if quick else [1, 8, 32],
+            "tokens": [1, 128],
+            "repeats": min(args.repeats, 3) if quick else args.repeats,
+            "warmup": args.warmup,
+            "min_time_s": 0.005 if quick else 0.01,
+        },
+        "e2e": {
+            "model_type": args.model_type,
+            "n_values": args.n_values or ([4, 16] if quick else [4, 16, 64, 256]),
+            "k_values": [1, 3],
+            "batches": [1, 2] if quick else [1, 8],
+            "target_modules": args.target_modules,
+            "prefill_tokens": 64 if quick else 128,
+            "prompt_tokens": 32,
+            "new_tokens": 8 if quick else 32,
+            "repeats": 1 if quick else args.e2e_repeats,
+            "peft_max_n": args.peft_max_n or 16,
+            "clock": args.clock,
+        },
+    }
+
+
+def layer_targets(rows: list[dict[str, Any]], scaling: list[dict[str, Any]]) -> list[Target]:
+    ns = sorted({r["N"] for r in rows})
+    n64 = 64 if 64 in ns else ns[-1]
+    t_scale = Target(f"layer ours(N={ns[-1]})/ours(N={ns[0]}), same layer/k/batch/T", "<=", SCALING_TARGET)
+    t_naive = Target(f"layer naive_loop/ours at N={n64}", ">=", NAIVE_TARGET)
+    t_scale_rel = Target(
+        f"[info] same, as (ours/base at N={ns[-1]}) / (ours/base at N={ns[0]})",
+        "<=",
+        SCALING_TARGET,
+        note="not a target: dividing by each cell's own base cancels drift between the two cells",
+    )
+    t_peft = Target("layer peft_mixed/ours at k=1 (all N)", ">=", PEFT_TARGET)
+    for s in scaling:
+        where = f"{s['layer']} k={s['k']} b={s['batch']} T={s['T']}"
+        t_scale.values.append((s["large_over_small"], where))
+        t_scale_rel.values.append((s["large_over_small_vs_base"], where))
+    for r in rows:
+        where = f"{r['layer']} N={r['N']} k={r['k']} b={r['batch']} T={r['T']}"
+        if r["N"] == n64:
+            t_naive.values.append((r["naive_over_ours"], where))
+        if r["peft_over_ours"] is not None:
+            t_peft.values.append((r["peft_over_ours"], where))
+    return [t_scale, t_scale_rel, t_naive, t_peft]
+
+
+def e2e_targets(rows: list[dict[str, Any]], notes: list[str]) -> list[Target]:
+    t_prefill = Target("e2e prefill ours(k=3)/base", "<=", PREFILL_TARGET)
+    t_decode = Target("e2e decode tok/s ours/merged (k=1 and k=3)", ">=", DECODE_TARGET)
+    t_peft_p = Target(
+        "e2e prefill PEFT-mixed/ours(k=1) (time ratio)", ">=", PEFT_TARGET, note=" ".join(notes)
+    )
+    t_peft_d = Target("e2e decode tok/s ours(k=1)/PEFT-mixed", ">=", PEFT_TARGET, note=" ".join(notes))
+    for r in rows:
+        where = f"{r['method']} N={r.get('N')} b={r['batch']}"
+        if r["method"] == "ours_k3":
+            t_prefill.values.append((r["prefill_over_base"], where))
+        if r["method"].startswith("ours"):
+            t_decode.values.append((r["decode_over_merged"], where))
+        if r.get("peft_over_ours_prefill") is not None:
+            t_peft_p.values.append((r["peft_over_ours_prefill"], where))
+            t_peft_d.values.append((r["ours_over_peft_decode"], where))
+    return [t_prefill, t_decode, t_peft_p, t_peft_d]
+
+
+def format_targets(summaries: list[dict[str, Any]]) -> str:
+    lines = ["TARGETS (PASS = every cell meets it; worst cell shown)"]
+    for s in summaries:
+        if s["status"] == "n/a":
+            lines.append(f"  {s['target']:<58} {s['op']} {s['threshold']:<5}  not measured        n/a")
+            continue
+        lines.append(
+            f"  {s['target']:<58} {s['op']} {s['threshold']:<5}  worst {s['worst']:<8} median {s['median']:<8} "
+            f"cells {s['cells_passing']:<7} {s['status']}   (worst at {s['worst_at']})"
+        )
+        if s["note"]:
+            lines.append(f"      note: {s['note']}")
+    return "\n".join(lines)
+
+
+def kernel_summary(rows: list[dict[str, Any]], tolerance: float = 1.05) -> list[str]:
+    """Cells where the automatic kernel was more than 5 % slower than the other one."""
+    bad = [r for r in rows if r["auto_vs_best"] > tolerance]
+    lines = [f"automatic kernel within 5 % of the faster one in {len(rows) - len(bad)}/{len(rows)} cells"]
+    for r in bad:
+        other = "gather" if r["auto_kernel"] == "union" else "union"
+        lines.append(
+            f"  {r['layer']} N={r['N']} k={r['k']} b={r['batch']} T={r['T']}: auto={r['auto_kernel']} "
+            f"{r[r['auto_kernel'] + '_us']:.0f} us vs {other} {r[other + '_us']:.0f} us ({r['auto_vs_best']:.2f}x)"
+        )
+    return lines
+
+
+def header(machine: dict[str, Any], config: dict[str, Any]) -> str:
+    return "\n".join(
+        [
+            f"Machine: {machine['cpu']} ({', '.join(machine['cpu_flags'])}), {machine['logical_cores']} logical cores "
+            f"({machine['cores_available']} available), load avg {machine['load_average_at_start']}",
+            f"Software: python {machine['python']}, torch {machine['torch']}, transformers {machine['transformers']}, "
+            f"peft {machine['peft']}; repo commit {machine['git_commit']}"
+            + (" (swift/ has uncommitted changes)" if machine["swift_dirty"] else ""),
+            f"Settings: {config['mode']} run, {config['threads']} thread(s), clock={config['clock']} "
+            "(cpu = process CPU time), "
+            f"{config['dtype']}, r={config['r']}, "
+            f"lora_alpha={config['lora_alpha']}, seed={config['seed']}",
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # SIGTERM (kill, nohup'd runs) unwinds like Ctrl-C, so the temporary adapter directory is removed.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    setup_logging(args.verbose, args.quiet)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    config = settings(args)
+    machine = machine_info()
+    suffix = "_quick" if args.quick else ""
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    head = header(machine, config)
+    print(head, flush=True)
+    print(f"Layer sweep: {config['layer']}\nE2E: {config['e2e']}\n", flush=True)
+    results: dict[str, Any] = {"machine": machine, "settings": config}
+    summaries: list[dict[str, Any]] = []
+    started, started_cpu = time.perf_counter(), time.process_time()
+
+    if not args.skip_layer:
+        lc = config["layer"]
+        timing = TimingConfig(lc["repeats"], lc["warmup"], lc["min_time_s"], clock=args.clock)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            rows = run_layer_benchmark(
+                layer_names=lc["modules"],
+                n_values=lc["n_values"],
+                k_values=lc["k_values"],
+                batches=lc["batches"],
+                token_counts=lc["tokens"],
+                r=args.r,
+                lora_alpha=args.lora_alpha,
+                timing=timing,
+                seed=args.seed,
+            )
+        scaling = scaling_rows(rows)
+        targets = [t.summary() for t in layer_targets(rows, scaling)]
+        summaries += targets
+        kernels = kernel_summary(rows)
+        scale_cols = (
+            ["layer", "k", "batch", "T"]
+            + [f"ours_N{n}_us" for n in lc["n_values"]]
+            + ["large_over_small", "large_over_small_vs_base"]
+        )
+        print("\nA. LAYER LEVEL (times in microseconds; ours = steady for T=1, first call for T>1)")
+        print(render_table(rows, LAYER_CONSOLE, markdown=False))
+        print("\nScaling with the pool size N (ours, us)")
+        print(render_table(scaling, scale_cols, markdown=False))
+        print("\nKernel choice: " + "\n".join(kernels))
+        write_csv(args.out_dir / f"mixture_layer{suffix}.csv", rows, LAYER_COLUMNS)
+        md = [
+            "# Mixture LoRA, layer level",
+            "",
+            head.replace("\n", "  \n"),
+            f"Sweep: {lc}",
+            "",
+            "Times in microseconds, median of repeats interleaved round-robin over the methods. `ours` = `ours_steady` for T=1 (decode: context entered "
+            "once, union rows cached), `ours_first` for T>1 (first call in a fresh context whose plan another "
+            "layer already built); `ours_cold` also builds the plan. `union`/`gather`: headline measurement with "
+            "the kernel forced; `auto_vs_best` = chosen kernel time / faster kernel time.",
+            "",
+            render_table(rows, LAYER_COLUMNS),
+            "",
+            "## Scaling with N (ours, us)",
+            "",
+            render_table(scaling, scale_cols),
+            "",
+            "## Kernel choice",
+            "",
+            *[f"    {line}" for line in kernels],
+            "",
+            "## Targets",
+            "",
+            "```",
+            format_targets(targets),
+            "```",
+        ]
+        (args.out_dir / f"mixture_layer{suffix}.md").write_text("\n".join(md) + "\n")
+        results["layer"] = {"rows": rows, "scaling": scaling, "kernel_choice": kernels}
+        results["layer_seconds"] = time.perf_counter() - t0
+        write_json(args.out_dir / f"mixture{suffix}.json", {**results, "targets": summaries})
+
+    if not args.skip_e2e:
+        ec = config["e2e"]
+        cfg = E2EConfig(
+            model_type=ec["model_type"],
+            n_values=tuple(ec["n_values"]),
+            k_values=tuple(ec["k_values"]),
+            batches=tuple(ec["batches"]),
+            target_modules=tuple(ec["target_modules"]),
+            prefill_tokens=ec["prefill_tokens"],
+            prompt_tokens=ec["prompt_tokens"],
+            new_tokens=ec["new_tokens"],
+            r=args.r,
+            lora_alpha=args.lora_alpha,
+            peft_max_n=ec["peft_max_n"],
+            repeats=ec["repeats"],
+            seed=args.seed,
+            clock=args.clock,
+        )
+        owned = args.adapter_dir is None
+        adapter_root = Path(tempfile.mkdtemp(prefix="bench_mixture_adapters_")) if owned else args.adapter_dir
+        t0 = time.perf_counter()
+        try:
+            e2e = run_e2e_benchmark(cfg, adapter_root)
+        finally:
+            if owned:
+                shutil.rmtree(adapter_root, ignore_errors=True)
+        targets = [t.summary() for t in e2e_targets(e2e["rows"], e2e["notes"])]
+        summaries += targets
+        print(
+            f"\nB. END TO END ({ec['model_type']}; prefill {ec['prefill_tokens']} tokens, decode {ec['new_tokens']} "
+            f"new tokens after a {ec['prompt_tokens']}-token prompt)"
+        )
+        print(render_table(e2e["rows"], E2E_COLUMNS, markdown=False))
+        print("\nLoading")
+        print(render_table(e2e["loads"], LOAD_COLUMNS, markdown=False))
+        for note in e2e["notes"]:
+            print("Note: " + note)
+        write_csv(args.out_dir / f"mixture_e2e{suffix}.csv", e2e["rows"], E2E_COLUMNS)
+        md = [
+            "# Mixture LoRA, end to end",
+            "",
+            head.replace("\n", "  \n"),
+            f"Settings: {ec}",
+            "",
+            f"Prefill: one forward over batch x {ec['prefill_tokens']} tokens (`logits_to_keep=1`), median ms. "
+            f"Decode: `generate` greedy, exactly {ec['new_tokens']} new tokens; tokens/s over steps 2..n (prompt "
+            "prefill excluded). At each N all methods are measured round-robin; base (prefill reference) and "
+            "merged (decode reference) are re-measured at every N.",
+            "",
+            render_table(e2e["rows"], E2E_COLUMNS),
+            "",
+            "## Loading (cumulative seconds to reach N)",
+            "",
+            render_table(e2e["loads"], LOAD_COLUMNS),
+            "",
+            *[f"Note: {note}" for note in e2e["notes"]],
+            "",
+            "## Targets",
+            "",
+            "```",
+            format_targets(targets),
+            "```",
+        ]
+        (args.out_dir / f"mixture_e2e{suffix}.md").write_text("\n".join(md) + "\n")
+        results["e2e"] = e2e
+        results["e2e_seconds"] = time.perf_counter() - t0
+
+    results["targets"] = summaries
+    results["total_seconds"] = time.perf_counter() - started
+    results["total_cpu_seconds"] = time.process_time() - started_cpu
+    write_json(args.out_dir / f"mixture{suffix}.json", results)
+    print("\n" + format_targets(summaries))
+    print(
+        f"\nTotal {results['total_seconds'] / 60:.1f} min wall, {results['total_cpu_seconds'] / 60:.1f} min CPU; "
+        f"results in {args.out_dir}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
