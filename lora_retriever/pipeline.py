@@ -106,6 +106,13 @@ def run_inference(config: InferenceConfig) -> dict[str, Any]:
     samples = read_samples(config.test_data, limit=config.num_samples)
     if not samples:
         raise ValueError(f"{config.test_data} holds no samples")
+    with_context = sum(bool(s.system or s.history) for s in samples)
+    if with_context:
+        logger.warning(
+            "%d chat sample(s) carry a system prompt or earlier turns; generation uses only the last user turn "
+            "(multi-turn prompts are not supported yet)",
+            with_context,
+        )
     pool = _load_pool(config)
     selections, retrieved = _select(config, pool, samples)
 
