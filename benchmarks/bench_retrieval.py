@@ -12,25 +12,21 @@ C. A targets block: measured value, threshold, PASS / MISS.
 
 Usage (from the repository root)::
 
-    .venv/bin/python benchmarks/bench_retrieval.py --quick   # N <= 100k, smoke check (~2 min)
-    .venv/bin/python benchmarks/bench_retrieval.py           # N up to 1M (~20 min; the 1M HNSW build dominates)
+    .venv/bin/python benchmarks/bench_retrieval.py --quick   # N <= 100k, smoke check (2-4 min here)
+    .venv/bin/python benchmarks/bench_retrieval.py           # N up to 1M: 43 min here under load 4-5; the 1M
+                                                             # HNSW build alone is ~9 CPU-minutes
 
-Results: ``<out-dir>/retrieval.{md,json}`` (``retrieval_quick.*`` with ``--quick``).
+Results: ``<out-dir>/retrieval.{md,json}`` (``retrieval_quick.*`` with ``--quick``). Files: this CLI (settings,
+targets, reports), ``bench_retrieval_search.py`` (part A), ``bench_retrieval_fusion.py`` (part B).
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 import os
-import resource
-import shutil
-import statistics
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,59 +39,22 @@ if str(REPO_ROOT) not in sys.path:
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from bench_utils import (  # noqa: E402
-    Sampler,
-    Target,
-    TimingConfig,
-    block,
-    machine_info,
-    measure_interleaved,
-    render_table,
-    setup_logging,
-    write_json,
+from bench_retrieval_fusion import FUSION_COLUMNS, SMOLLM2_LAYERS, SMOLLM2_SHAPES, run_fusion  # noqa: E402
+from bench_retrieval_search import (  # noqa: E402
+    RECALL_TARGET,
+    SEARCH_COLUMNS,
+    SUMMARY_COLUMNS,
+    RunSettings,
+    min_recall,
+    run_search,
 )
+from bench_utils import Target, machine_info, render_table, setup_logging, write_json  # noqa: E402
 from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
-
-from lora_retriever.fusion import FusedAdapter, LoraModuleWeights, LoraWeights, fuse  # noqa: E402
-from lora_retriever.index import FaissHNSWIndex, KeyIndex, build_index  # noqa: E402
 
 logger = logging.getLogger("bench_retrieval")
 
-# SmolLM2-135M linear layers: name -> (in_features, out_features); 30 decoder layers.
-SMOLLM2_LAYERS = 30
-SMOLLM2_SHAPES: dict[str, tuple[int, int]] = {
-    "self_attn.q_proj": (576, 576),
-    "self_attn.k_proj": (576, 192),
-    "self_attn.v_proj": (576, 192),
-    "self_attn.o_proj": (576, 576),
-    "mlp.gate_proj": (576, 1536),
-    "mlp.up_proj": (576, 1536),
-    "mlp.down_proj": (1536, 576),
-}
-
-EXACT_MS_TARGET, HNSW_MS_TARGET, RECALL_TARGET = 1.0, 1.0, 0.95
+EXACT_MS_TARGET, HNSW_MS_TARGET = 1.0, 1.0
 EXACT_TARGET_N, HNSW_TARGET_N = 10_000, 1_000_000
-# The ef_search choice and the recall target use these query sets; `random` (uniform directions against
-# clustered keys) is reported beside them.
-IN_DISTRIBUTION = ("near", "fresh")
-
-SEARCH_COLUMNS = [
-    "data", "N", "method", "ef", "build_s", "build_cpu_s", "b1_us", "b1_vs_exact", "b64_us_per_q", "b64_qps",
-    "r3_near", "r10_near", "r3_fresh", "r10_fresh", "s3_fresh", "r3_random", "r10_random", "s3_random",
-]  # fmt: skip
-SUMMARY_COLUMNS = [
-    "data", "N", "exact_b1_us", "rowmajor_b1_us", "flat_b1_us", "hnsw_ef", "hnsw_b1_us", "hnsw_r3", "hnsw_r10",
-    "exact_over_hnsw", "exact_b64_qps", "flat_b64_qps", "hnsw_b64_qps", "hnsw_build_s", "hnsw_build_cpu_s",
-    "random_r3", "random_s3", "random_ef", "peak_rss_gb",
-]  # fmt: skip
-FUSION_COLUMNS = [
-    "method", "options", "fuse_ms", "vs_cat", "rank", "max_trunc_err", "save_ms", "file_mb", "note",
-]  # fmt: skip
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Arguments and settings.
-# ----------------------------------------------------------------------------------------------------------
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -103,7 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--quick", action="store_true", help="N up to 100k, fewer repeats: a smoke check (~2 min)")
+    p.add_argument(
+        "--quick", action="store_true", help="N up to 100k, fewer repeats: a smoke check (2-4 min)"
+    )
     p.add_argument("--threads", type=int, default=1, help="search / fusion threads (torch, BLAS, OpenMP)")
     p.add_argument(
         "--hnsw-threads",
@@ -220,448 +181,6 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# A. Key search.
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _normalise(x: np.ndarray) -> np.ndarray:
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
-def noisy(rng: np.random.Generator, base: np.ndarray, noise: float, chunk: int = 65_536) -> np.ndarray:
-    """``normalise(base + noise · g / sqrt(dim))`` row by row, ``g ~ N(0, I)``: ``[n, dim]`` float32.
-
-    The noise vector has norm ~``noise`` in high dimension, so ``cos(result, base_row) ~ 1 / sqrt(1 + noise²)``.
-    """
-    n, dim = base.shape
-    out = np.empty((n, dim), dtype=np.float32)
-    for start in range(0, n, chunk):
-        stop = min(start + chunk, n)
-        g = rng.standard_normal((stop - start, dim), dtype=np.float32)
-        out[start:stop] = _normalise(base[start:stop] + (noise / np.sqrt(dim)) * g)
-    return out
-
-
-def uniform_keys(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
-    """``[n, dim]`` unit vectors uniform on the sphere."""
-    return noisy(rng, np.zeros((n, dim), dtype=np.float32), 1.0)
-
-
-def clustered_keys(rng: np.random.Generator, n: int, centres: np.ndarray, noise: float) -> np.ndarray:
-    """``[n, dim]`` unit keys, each a random centre plus isotropic noise of norm ``noise``."""
-    assign = rng.integers(0, len(centres), n)
-    out = np.empty((n, centres.shape[1]), dtype=np.float32)
-    chunk = 65_536
-    for start in range(0, n, chunk):
-        stop = min(start + chunk, n)
-        out[start:stop] = noisy(rng, centres[assign[start:stop]], noise)
-    return out
-
-
-def make_pool(data: str, n: int, cfg: dict[str, Any], seed: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Keys ``[n, dim]`` and the recall query sets ``{name: [q, dim]}``.
-
-    Query sets: ``near`` = noisy copies of random keys (a query close to one adapter's key); ``fresh`` = new draws
-    from the keys' distribution (clustered: a new point around a random centre); ``random`` = uniform random
-    directions (a query unlike every key; for uniform keys it equals ``fresh`` and is left out).
-    """
-    dim, q = cfg["dim"], cfg["eval_queries"]
-    rng = np.random.default_rng([seed, n, 0 if data == "clustered" else 1])
-    queries: dict[str, np.ndarray] = {}
-    if data == "clustered":
-        centres = uniform_keys(rng, min(cfg["centres"], n), dim)
-        keys = clustered_keys(rng, n, centres, cfg["key_noise"])
-        queries["fresh"] = clustered_keys(rng, q, centres, cfg["key_noise"])
-    else:
-        keys = uniform_keys(rng, n, dim)
-        queries["fresh"] = uniform_keys(rng, q, dim)
-    queries = {"near": noisy(rng, keys[rng.integers(0, n, q)], cfg["query_noise"]), **queries}
-    if data == "clustered":
-        queries["random"] = uniform_keys(rng, q, dim)
-    return keys, queries
-
-
-def search_all(
-    index: KeyIndex, queries: np.ndarray, k: int, chunk: int = 64
-) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k ``(sims, indices)`` ``[q, k]`` in chunks (exact search of 1M keys holds a ``[chunk, N]`` matrix)."""
-    parts = [index.search(queries[s : s + chunk], k) for s in range(0, len(queries), chunk)]
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-
-
-def recall(approx: np.ndarray, exact: np.ndarray, k: int) -> float:
-    """Mean over queries of ``|approx top-k ∩ exact top-k| / k``."""
-    k = min(k, exact.shape[1])
-    hits = [len(set(a[:k].tolist()) & set(e[:k].tolist())) for a, e in zip(approx, exact)]
-    return float(np.mean(hits)) / k
-
-
-def similarity_ratio(approx_sims: np.ndarray, exact_sims: np.ndarray, k: int) -> float:
-    """Mean top-k similarity found / mean exact top-k similarity: how much worse the misses are (1 = none)."""
-    return float(approx_sims[:, :k].mean() / exact_sims[:, :k].mean())
-
-
-class RowMajorExactIndex(KeyIndex):
-    """Benchmark-only reference: ``ExactIndex`` as it was before commit 7e21a6c, keys stored ``[N, dim]``.
-
-    Its search multiplies by the transposed view ``keys.T``, which OpenBLAS runs as a transposed GEMV/GEMM,
-    ~2x slower for single queries here than ``ExactIndex``'s contiguous ``[dim, N]`` copy. Kept to show the
-    layout's cost in every run (a regression check); not part of the library.
-    """
-
-    kind = "exact-rowmajor"
-
-    def __init__(self, keys: np.ndarray, model_id: str | None = None):
-        super().__init__(keys, model_id)
-        self.keys = np.ascontiguousarray(keys, dtype=np.float32)  # [N, dim]
-
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        sims = queries @ self.keys.T  # [n, N]
-        k_eff = min(k, self.size)
-        if k_eff < self.size:
-            part = np.argpartition(-sims, k_eff - 1, axis=1)[:, :k_eff]
-        else:
-            part = np.broadcast_to(np.arange(self.size), (sims.shape[0], self.size))
-        part_sims = np.take_along_axis(sims, part, axis=1)
-        order = np.lexsort((part, -part_sims), axis=1)
-        idx = np.take_along_axis(part, order, axis=1)
-        sims_out = np.full((len(queries), k), -np.inf, dtype=np.float32)
-        idx_out = np.full((len(queries), k), -1, dtype=np.int64)
-        sims_out[:, :k_eff], idx_out[:, :k_eff] = np.take_along_axis(sims, idx, axis=1), idx
-        return sims_out, idx_out
-
-
-def set_ef_search(index: FaissHNSWIndex, ef: int) -> None:
-    # FaissHNSWIndex applies ef_search at build only; the sweep reuses one graph per N (the graph doesn't
-    # depend on ef_search), so it sets the FAISS parameter directly.
-    index.index.hnsw.efSearch = ef
-
-
-def cycling_sampler(
-    search: Callable[[np.ndarray], object], batches: Sequence[np.ndarray], timing: TimingConfig, before=None
-) -> Sampler:
-    """Sampler timing ``search`` over ``batches`` in turn (distinct queries: no repeated-query cache effects).
-
-    ``before`` (untimed) runs at the start of every sample, e.g. to set ef_search on a shared index.
-    """
-    state = {"i": 0}
-
-    def sample(number: int) -> float:
-        if before is not None:
-            before()
-        i, nb = state["i"], len(batches)
-        start = timing.now()
-        for j in range(number):
-            search(batches[(i + j) % nb])
-        elapsed = timing.now() - start
-        state["i"] = (i + number) % nb
-        return elapsed / number
-
-    return sample
-
-
-def timed_build(
-    fn: Callable[[], KeyIndex], threads: int, search_threads: int
-) -> tuple[KeyIndex, float, float]:
-    """``(index, wall seconds, CPU seconds summed over threads)`` of one build with ``threads`` OpenMP threads."""
-    faiss.omp_set_num_threads(threads)
-    try:
-        wall, cpu = time.perf_counter(), time.process_time()
-        index = fn()
-        return index, time.perf_counter() - wall, time.process_time() - cpu
-    finally:
-        faiss.omp_set_num_threads(search_threads)
-
-
-def run_pool(
-    data: str, n: int, cfg: dict[str, Any], args: argparse.Namespace, timing: TimingConfig
-) -> list[dict]:
-    """Every method on one pool: build, recall per query set, batch-1 latency and batch-64 throughput."""
-    t0 = time.perf_counter()
-    keys, query_sets = make_pool(data, n, cfg, args.seed)
-    logger.info("%s N=%d: keys and queries generated in %.1f s", data, n, time.perf_counter() - t0)
-    k_eval = min(10, n)
-    indexes: dict[str, KeyIndex] = {}
-    builds: dict[str, tuple[float, float]] = {}
-    makers = {
-        "exact": lambda: build_index(keys, "exact"),
-        "exact-rowmajor": lambda: RowMajorExactIndex(keys),
-        "faiss-flat": lambda: build_index(keys, "faiss-flat"),
-    }
-    for kind, make in makers.items():
-        indexes[kind], *b = timed_build(make, 1, args.threads)
-        builds[kind] = tuple(b)
-    hnsw_threads = args.hnsw_threads
-    t0 = time.perf_counter()
-    hnsw, *b = timed_build(
-        lambda: build_index(
-            keys,
-            "faiss-hnsw",
-            m=cfg["m"],
-            ef_search=cfg["ef_search"][0],
-            ef_construction=cfg["ef_construction"],
-        ),
-        hnsw_threads,
-        args.threads,
-    )
-    builds["faiss-hnsw"] = tuple(b)
-    logger.info("%s N=%d: HNSW built in %.1f s wall, %.1f s CPU (%d threads)", data, n, *b, hnsw_threads)
-
-    # Recall against our exact search (ground truth) for every query set.
-    truth = {name: search_all(indexes["exact"], q, k_eval) for name, q in query_sets.items()}
-    quality = {"exact": _quality_cols(truth, truth)}
-    for kind in ("exact-rowmajor", "faiss-flat"):
-        found = {name: search_all(indexes[kind], q, k_eval) for name, q in query_sets.items()}
-        quality[kind] = _quality_cols(found, truth)
-    for ef in cfg["ef_search"]:
-        set_ef_search(hnsw, ef)
-        found = {name: search_all(hnsw, q, k_eval) for name, q in query_sets.items()}
-        quality[f"hnsw_ef{ef}"] = _quality_cols(found, truth)
-
-    # Latency (batch 1) and throughput (batches of `batch`), all methods interleaved round-robin.
-    lat_pool = np.concatenate(list(query_sets.values()))
-    rng = np.random.default_rng([args.seed, n, 7])
-    lat_pool = lat_pool[rng.permutation(len(lat_pool))]
-    singles = [
-        np.ascontiguousarray(lat_pool[i : i + 1]) for i in range(min(cfg["latency_queries"], len(lat_pool)))
-    ]
-    nb = max(1, min(4, len(lat_pool) // cfg["batch"]))
-    batches = [np.ascontiguousarray(lat_pool[i * cfg["batch"] : (i + 1) * cfg["batch"]]) for i in range(nb)]
-    samplers: dict[str, Sampler] = {}
-    methods = ["exact", "exact-rowmajor", "faiss-flat"] + [f"hnsw_ef{ef}" for ef in cfg["ef_search"]]
-    for method in methods:
-        if method.startswith("hnsw"):
-            index, ef = hnsw, int(method.removeprefix("hnsw_ef"))
-            before = lambda ef=ef: set_ef_search(hnsw, ef)  # noqa: E731
-        else:
-            index, before = indexes[method], None
-        search = lambda q, index=index: index.search(q, 3)  # noqa: E731
-        samplers[f"{method}|b1"] = cycling_sampler(search, singles, timing, before)
-        samplers[f"{method}|b{cfg['batch']}"] = cycling_sampler(search, batches, timing, before)
-    t0 = time.perf_counter()
-    times = measure_interleaved(samplers, timing)
-    logger.info("%s N=%d: timings in %.1f s", data, n, time.perf_counter() - t0)
-
-    rows = []
-    exact_b1 = times["exact|b1"]
-    for method in methods:
-        kind = "faiss-hnsw" if method.startswith("hnsw") else method
-        b1, bb = times[f"{method}|b1"], times[f"{method}|b{cfg['batch']}"]
-        rows.append(
-            {
-                "data": data,
-                "N": n,
-                "method": kind,
-                "ef": int(method.removeprefix("hnsw_ef")) if kind == "faiss-hnsw" else None,
-                "build_s": builds[kind][0],
-                "build_cpu_s": builds[kind][1],
-                "build_threads": hnsw_threads if kind == "faiss-hnsw" else 1,
-                "b1_us": b1 * 1e6,
-                "b1_vs_exact": exact_b1 / b1,
-                "b64_us_per_q": bb / len(batches[0]) * 1e6,
-                "b64_qps": len(batches[0]) / bb,
-                **quality[method],
-            }
-        )
-    return rows  # the keys and indexes are freed on return (the caller collects)
-
-
-def _quality_cols(found: dict[str, tuple], truth: dict[str, tuple]) -> dict[str, float]:
-    cols = {}
-    for name, (sims, idx) in found.items():
-        cols[f"r3_{name}"] = recall(idx, truth[name][1], 3)
-        cols[f"r10_{name}"] = recall(idx, truth[name][1], 10)
-        cols[f"s3_{name}"] = similarity_ratio(sims, truth[name][0], 3)
-    return cols
-
-
-def min_recall(row: dict[str, Any], k: int, sets: Sequence[str] = IN_DISTRIBUTION) -> float:
-    """Worst recall@k over the query sets ``sets`` that ``row`` has."""
-    return min(row[f"r{k}_{name}"] for name in sets if row.get(f"r{k}_{name}") is not None)
-
-
-def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (data, N): exact / flat / HNSW at the smallest ef with recall@3 >= 0.95 on near and fresh queries."""
-    out = []
-    for key in dict.fromkeys((r["data"], r["N"]) for r in rows):
-        cell = {(r["method"], r["ef"]): r for r in rows if (r["data"], r["N"]) == key}
-        exact, rowmajor, flat = (
-            cell[("exact", None)],
-            cell[("exact-rowmajor", None)],
-            cell[("faiss-flat", None)],
-        )
-        hnsw = [r for (m, _), r in cell.items() if m == "faiss-hnsw"]
-        ok = [r for r in hnsw if min_recall(r, 3) >= RECALL_TARGET]
-        pick = ok[0] if ok else hnsw[-1]
-        ok_random = [r for r in hnsw if r.get("r3_random") is not None and r["r3_random"] >= RECALL_TARGET]
-        out.append(
-            {
-                "data": key[0],
-                "N": key[1],
-                "exact_b1_us": exact["b1_us"],
-                "rowmajor_b1_us": rowmajor["b1_us"],
-                "flat_b1_us": flat["b1_us"],
-                "hnsw_ef": pick["ef"] if ok else f"none<={pick['ef']}",
-                "hnsw_b1_us": pick["b1_us"],
-                "hnsw_r3": min_recall(pick, 3),
-                "hnsw_r10": min_recall(pick, 10),
-                "exact_over_hnsw": exact["b1_us"] / pick["b1_us"],
-                "exact_b64_qps": exact["b64_qps"],
-                "flat_b64_qps": flat["b64_qps"],
-                "hnsw_b64_qps": pick["b64_qps"],
-                "hnsw_build_s": pick["build_s"],
-                "hnsw_build_cpu_s": pick["build_cpu_s"],
-                "random_r3": pick.get("r3_random"),
-                "random_s3": pick.get("s3_random"),
-                "random_ef": (ok_random[0]["ef"] if ok_random else f"none<={hnsw[-1]['ef']}")
-                if pick.get("r3_random") is not None
-                else None,
-                "peak_rss_gb": exact.get("peak_rss_gb"),
-                "recall_reached": bool(ok),
-            }
-        )
-    return out
-
-
-def run_search(config: dict[str, Any], args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
-    cfg = config["search"]
-    timing = TimingConfig(cfg["repeats"], cfg["warmup"], cfg["min_time_s"], clock=args.clock)
-    runs = [("clustered", n) for n in cfg["n_values"]] + [("uniform", cfg["uniform_n"])]
-    rows: list[dict[str, Any]] = []
-    for data, n in runs:
-        t0 = time.perf_counter()
-        cell = run_pool(data, n, cfg, args, timing)
-        gc.collect()  # free this N's keys and indexes (1M: ~5 GB) before the next
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
-        for r in cell:
-            r["peak_rss_gb"] = rss
-        rows += cell
-        print(f"  {data:<9} N={n:>9,}: {time.perf_counter() - t0:6.1f} s", flush=True)
-    return rows, summarise(rows)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# B. Fusion.
-# ----------------------------------------------------------------------------------------------------------
-
-
-def random_adapter(
-    name: str, r: int, lora_alpha: float, layers: int, generator: torch.Generator
-) -> LoraWeights:
-    """SmolLM2-135M-sized LoRA: r on all 7 linear projections of ``layers`` layers; A ~ kaiming-like, B small."""
-    modules = {}
-    for layer in range(layers):
-        for proj, (fan_in, fan_out) in SMOLLM2_SHAPES.items():
-            lora_A = torch.randn(r, fan_in, generator=generator) / fan_in**0.5
-            lora_B = 0.01 * torch.randn(fan_out, r, generator=generator)
-            modules[f"model.layers.{layer}.{proj}"] = LoraModuleWeights(lora_A, lora_B, lora_alpha / r)
-    return LoraWeights(name, modules)
-
-
-def dense_sum(sources: Sequence[LoraWeights], weights: Sequence[float]) -> dict[str, torch.Tensor]:
-    """Baseline: the dense ``ΔW = Σ_j w_j s_j B_j A_j`` per module (what a merge into the base weights forms)."""
-    return {m: sum(w * s.modules[m].delta() for w, s in zip(weights, sources)) for m in sources[0].modules}
-
-
-def dense_svd(sources: Sequence[LoraWeights], weights: Sequence[float], rank: int) -> int:
-    """Baseline: PEFT's ``combination_type="svd"`` route — dense ``ΔW``, full ``torch.linalg.svd``, truncate."""
-    for m in sources[0].modules:
-        delta = sum(w * s.modules[m].delta() for w, s in zip(weights, sources))
-        u, sigma, vh = torch.linalg.svd(delta, full_matrices=False)
-        _ = (u[:, :rank] * sigma[:rank], vh[:rank])
-    return len(sources[0].modules)
-
-
-def run_fusion(config: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
-    cfg = config["fusion"]
-    timing = TimingConfig(cfg["repeats"], 1, 0.0, clock=args.clock)
-    generator = torch.Generator().manual_seed(args.seed)
-    sources = [
-        random_adapter(f"src{j}", cfg["r"], cfg["lora_alpha"], cfg["layers"], generator)
-        for j in range(cfg["k"])
-    ]
-    weights = [1.0 / cfg["k"]] * cfg["k"]
-    d = cfg["density"]
-    methods: list[tuple[str, str, dict[str, Any]]] = [
-        ("cat", "cat", {}),
-        ("linear", "linear", {}),
-        ("svd", "svd", {}),
-        ("svd_r8", "svd", {"svd_rank": 8}),
-        ("ties", "ties", {"density": d}),
-        ("dare_linear", "dare_linear", {"density": d}),
-        ("dare_ties", "dare_ties", {"density": d}),
-    ]
-    samplers = {
-        label: block(lambda method=method, options=options: fuse(sources, weights, method, **options), timing)
-        for label, method, options in methods
-    }
-    samplers["dense_sum (baseline)"] = block(lambda: dense_sum(sources, weights), timing)
-    t0 = time.perf_counter()
-    times = measure_interleaved(samplers, timing)
-    logger.info("fusion methods timed in %.1f s", time.perf_counter() - t0)
-
-    # PEFT-style dense SVD: ~0.5 s per layer here, so it runs alone, on `dense_svd_layers` layers, scaled to all.
-    n_layers = cfg["dense_svd_layers"]
-    subset = [
-        LoraWeights(s.name, {m: w for m, w in s.modules.items() if int(m.split(".")[2]) < n_layers})
-        for s in sources
-    ]
-    svd_time = measure_interleaved(
-        {"dense": block(lambda: dense_svd(subset, weights, 8), timing)},
-        TimingConfig(max(1, cfg["repeats"] // 2), 1, 0.0, clock=args.clock),
-    )["dense"] * (cfg["layers"] / n_layers)
-
-    rows = []
-    parent = tempfile.mkdtemp(prefix="bench_retrieval_save_", dir=args.tmp_dir)
-    try:
-        for label, method, options in methods:
-            fused: FusedAdapter = fuse(sources, weights, method, **options)
-            out = Path(parent) / label
-            saves = []
-            for _ in range(cfg["repeats"] + 1):  # first save is the warm-up
-                t0 = time.perf_counter()  # wall: writing files is I/O
-                fused.save(out)
-                saves.append(time.perf_counter() - t0)
-            ranks = set(fused.ranks.values())
-            rows.append(
-                {
-                    "method": label,
-                    "options": options or "",
-                    "fuse_ms": times[label] * 1e3,
-                    "vs_cat": times[label] / times["cat"],
-                    "rank": "/".join(map(str, sorted(ranks))),
-                    "max_trunc_err": max(fused.truncation_error.values()) if fused.truncation_error else None,
-                    "save_ms": statistics.median(saves[1:]) * 1e3,
-                    "file_mb": sum(f.stat().st_size for f in out.iterdir()) / 2**20,
-                    "note": "",
-                }
-            )
-    finally:
-        shutil.rmtree(parent, ignore_errors=True)
-    rows.append(
-        {
-            "method": "dense_sum (baseline)",
-            "options": "",
-            "fuse_ms": times["dense_sum (baseline)"] * 1e3,
-            "vs_cat": times["dense_sum (baseline)"] / times["cat"],
-            "rank": "dense",
-            "note": "Σ w s B A as dense [out, in] per module",
-        }
-    )
-    rows.append(
-        {
-            "method": "dense_svd (PEFT-style baseline)",
-            "options": {"svd_rank": 8},
-            "fuse_ms": svd_time * 1e3,
-            "vs_cat": svd_time / times["cat"],
-            "rank": "8",
-            "note": f"dense ΔW + torch.linalg.svd; measured on {n_layers} layer(s), scaled to {cfg['layers']}",
-        }
-    )
-    return rows
-
-
-# ----------------------------------------------------------------------------------------------------------
 # C. Targets and output.
 # ----------------------------------------------------------------------------------------------------------
 
@@ -770,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.skip_search:
         print("\nA. KEY SEARCH", flush=True)
-        rows, summary = run_search(config, args)
+        run = RunSettings(args.seed, args.threads, args.hnsw_threads, args.clock)
+        rows, summary = run_search(config["search"], run)
         targets += [t.summary() for t in make_targets(rows, summary, args.quick)]
         results["search"] = {"rows": rows, "summary": summary}
         print("\nPer method (b1 = one query per call, us; b64 = batches of 64; recall vs exact top-k)")
@@ -805,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.skip_fusion:
         print("\nB. FUSION", flush=True)
-        fusion_rows = run_fusion(config, args)
+        fusion_rows = run_fusion(config["fusion"], args.seed, args.clock, args.tmp_dir)
         results["fusion"] = fusion_rows
         print(render_table(fusion_rows, FUSION_COLUMNS, markdown=False), flush=True)
         md += [

@@ -79,7 +79,8 @@ class ExactIndex(KeyIndex):
         sims = queries @ self.keys_t  # [n, N]
         k_eff = min(k, self.size)
         if k_eff < self.size:
-            part = np.argpartition(-sims, k_eff - 1, axis=1)[:, :k_eff]
+            # Partition on the scores themselves (no negated [n, N] copy: 256 MB per call at 64 x 1M keys).
+            part = np.argpartition(sims, self.size - k_eff, axis=1)[:, self.size - k_eff :]
         else:
             part = np.broadcast_to(np.arange(self.size), (sims.shape[0], self.size))
         part_sims = np.take_along_axis(sims, part, axis=1)
@@ -137,6 +138,13 @@ class FaissHNSWIndex(_FaissIndex):
     ):
         self.m, self.ef_search, self.ef_construction = m, ef_search, ef_construction
         super().__init__(keys, model_id)
+
+    def set_ef_search(self, ef_search: int) -> None:
+        """Trade speed for recall after building (larger = more accurate, slower)."""
+        if ef_search < 1:
+            raise ValueError(f"ef_search must be >= 1, got {ef_search}")
+        self.ef_search = ef_search
+        self.index.hnsw.efSearch = ef_search
 
     def _build(self, keys: np.ndarray):
         index = self._faiss.IndexHNSWFlat(keys.shape[1], self.m, self._faiss.METRIC_INNER_PRODUCT)
