@@ -186,3 +186,12 @@ def test_base_model_mismatch_warns(base, adapter, caplog):
 def test_peft_model_refused(base, adapter):
     with pytest.raises(ValueError, match="already a PEFT model"):
         Swift.from_pretrained(PeftModel.from_pretrained(copy.deepcopy(base), str(adapter)), adapter)
+
+
+def test_same_model_under_our_cache_name_does_not_warn(base, adapter, caplog):
+    rewrite_config(adapter, base_model_name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct")
+    base_named = copy.deepcopy(base)
+    base_named.config.name_or_path = "/cache/models/SmolLM2-135M-Instruct-fp32"
+    with caplog.at_level(logging.WARNING, logger="swift"):
+        Swift.from_pretrained(base_named, adapter, adapter_name="x")
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]

@@ -25,6 +25,7 @@ def test_default_model_is_cached_and_reloads_fast(smollm2):
     assert type(model).__name__ == "LlamaForCausalLM"
     assert model.config.hidden_size == 576 and model.config.num_hidden_layers == 30
     assert next(model.parameters()).dtype == torch.float32
+    assert model.config.name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct"  # what its adapters record
     assert (smollm2_hf_dir() / "model.safetensors").is_file()
     start = time.perf_counter()
     again, _ = get_model_tokenizer()

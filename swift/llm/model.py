@@ -37,6 +37,7 @@ __all__ = ["DEFAULT_MODEL_TYPE", "MODEL_TYPES", "ModelInfo", "get_model_tokenize
 DEFAULT_MODEL_TYPE = "smollm2-135m-instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_CACHE_NAME = "SmolLM2-135M-Instruct-fp32"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,8 @@ def get_model_tokenizer(
         processor = tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if model_path is None:  # the packaged default: name it as its adapters do, not by our cache folder
+        model.config.name_or_path = SMOLLM2_HUB_ID
     model.model_type = model_type  # read by get_template / inference
     logger.info("loaded %s from %s in %.1f s", model_type, path, time.perf_counter() - start)
     return model, processor
@@ -202,7 +205,7 @@ def smollm2_hf_dir() -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    model.config.name_or_path = SMOLLM2_HUB_ID
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
     try:
         model.save_pretrained(str(tmp))

@@ -243,7 +243,7 @@ class SwiftModel(nn.Module):
         trained_on = config.base_model_name_or_path
         model_config = getattr(self.base_model, "config", None)
         loaded = getattr(model_config, "name_or_path", None) or getattr(model_config, "_name_or_path", None)
-        if trained_on and loaded and Path(str(trained_on)).name.lower() != Path(str(loaded)).name.lower():
+        if trained_on and loaded and _model_name(trained_on) != _model_name(loaded):
             logger.warning(
                 "adapter %s was trained on %r but the loaded model is %r; its outputs may be meaningless.",
                 adapter_dir,
@@ -297,6 +297,12 @@ class SwiftModel(nn.Module):
                 f"routing names adapters that are not loaded: {unknown}; loaded: {self.adapter_names}."
             )
         return lora_mixture_context(lora_mapping, adapter_names, row_index=row_index)
+
+
+def _model_name(name_or_path: str) -> str:
+    """'HuggingFaceTB/SmolLM2-135M-Instruct' and '.../SmolLM2-135M-Instruct-fp32' (our cache) name one model."""
+    name = Path(str(name_or_path)).name.lower()
+    return name.removesuffix("-fp32")
 
 
 def _resolve_name(key_name: str, modules: Mapping[str, nn.Module]) -> str | None:
