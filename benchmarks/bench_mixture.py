@@ -10,7 +10,7 @@ C. A targets block: every target, the measured worst cell, PASS (every cell) or 
 Usage (from the repository root; see benchmarks/README.md)::
 
     LORA_RETRIEVER_CACHE=/path/to/cache .venv/bin/python benchmarks/bench_mixture.py --quick
-    LORA_RETRIEVER_CACHE=/path/to/cache .venv/bin/python benchmarks/bench_mixture.py   # ~25 min
+    LORA_RETRIEVER_CACHE=/path/to/cache .venv/bin/python benchmarks/bench_mixture.py   # ~17 min of CPU
 
 Results: ``<out-dir>/mixture_layer.{md,csv}``, ``mixture_e2e.{md,csv}``, ``mixture.json`` (``*_quick.*`` with
 ``--quick``).
@@ -89,7 +89,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--target-modules", nargs="+", default=list(ALL_LINEAR), help="modules the e2e adapters target"
     )
     p.add_argument(
-        "--peft-max-n", type=int, help="largest N loaded into PEFT end to end (default 64; 16 quick)"
+        "--peft-max-n",
+        type=int,
+        help="largest N loaded into PEFT end to end (default 16; loading is quadratic in N: 64 adds ~3 min)",
     )
     p.add_argument(
         "--model-type", default="smollm2-135m-instruct", help="swift.llm model_type for the e2e part"
