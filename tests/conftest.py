@@ -31,3 +31,10 @@ def tiny_qwen2():
     from tests.factories import tiny_causal_lm
 
     return tiny_causal_lm("qwen2")
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """The CPU in the header: fp32 results differ in the last bits between AVX2 and AVX-512/AMX kernels."""
+    from swift.utils import cpu_summary
+
+    return f"cpu: {cpu_summary()}"
