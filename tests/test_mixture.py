@@ -11,6 +11,7 @@ from peft import PeftModel
 from torch import nn
 
 from swift.tuners import LoraLinear, LoraRouting, Swift, lora_layers, lora_mixture_context
+from swift.tuners.lora_layers import mixture_kernels
 from tests.factories import VOCAB, make_lora_dir, tiny_causal_lm
 
 TOL = 1e-5
@@ -70,16 +71,16 @@ def peft_cat_logits(
 
 
 @pytest.mark.parametrize("kernel", ["auto", "union", "gather"])
-def test_mixed_batch_rows_equal_peft_cat(pool, kernel, monkeypatch):
+def test_mixed_batch_rows_equal_peft_cat(pool, kernel):
     base, dirs, model = pool
-    if kernel == "union":
-        monkeypatch.setattr(lora_layers, "GATHER_MIN_TOKENS", 10**9)
-    elif kernel == "gather":
-        monkeypatch.setattr(lora_layers, "GATHER_MIN_TOKENS", 1)
-        monkeypatch.setattr(lora_layers, "GATHER_MIN_UNION_RATIO", 0.0)
     input_ids = torch.randint(3, VOCAB, (WEIGHTS.shape[0], 12))
-    with torch.no_grad(), lora_mixture_context(WEIGHTS, NAMES):
+    with torch.no_grad(), model.mixture(WEIGHTS, NAMES, kernel=kernel):
         mixed = model(input_ids=input_ids).logits
+        ran = set(mixture_kernels().values())
+    if kernel == "auto":
+        assert ran and ran <= {"union", "gather"}, ran
+    else:
+        assert ran == {kernel}, ran  # every layer ran the forced kernel
     reference = peft_pool(base, dirs)
     for i, row in enumerate(WEIGHTS.tolist()):
         expected = peft_cat_logits(reference, row, input_ids[i : i + 1], tag=f"row{i}")
@@ -221,6 +222,31 @@ def test_2d_and_3d_activations_and_row_index(lone_layer):
             assert (y_rows[j] - expected).abs().max() <= TOL
 
 
+def test_forced_kernels_agree_and_vision_rows_always_run_union(lone_layer):
+    """Both forced kernels give the manual sum; rows that are not samples (row_index) can only run union."""
+    names = [f"n{j}" for j in range(4)]
+    weights = torch.tensor([[0.7, 0.0, 0.3, 0.0], [0.0, 1.0, 0.0, -0.5]])
+    rows = [dict(zip(names, w)) for w in weights.tolist()]
+    x3 = torch.randn(2, 5, 16)
+    x_rows = torch.randn(3, 16)
+    row_sample = torch.tensor([1, 0, 1])
+    base = lone_layer.base_layer
+    assert mixture_kernels() == {}  # outside any context
+    with torch.no_grad():
+        for kernel in ("union", "gather"):
+            with lora_mixture_context(weights, names, kernel=kernel):
+                y3 = lone_layer(x3)
+                assert mixture_kernels() == {"blocks.0.fc": kernel}
+            for i in range(2):
+                assert (y3[i] - base(x3[i]) - manual_delta(lone_layer, x3[i], rows[i])).abs().max() <= TOL
+            with lora_mixture_context(weights, names, row_index={"blocks": row_sample}, kernel=kernel):
+                y_rows = lone_layer(x_rows)
+                assert mixture_kernels() == {"blocks.0.fc": "union"}
+            for j, s in enumerate(row_sample.tolist()):
+                expected = base(x_rows[j]) + manual_delta(lone_layer, x_rows[j], rows[s])
+                assert (y_rows[j] - expected).abs().max() <= TOL
+
+
 def test_repeated_samples_follow_their_routing(lone_layer):
     """generate(num_beams=n) repeats each sample n times in a row: rows follow their sample's routing."""
     names = ["n0", "n1"]
@@ -339,6 +365,9 @@ def test_routing_validation_errors(pool):
             pass
     with pytest.raises(ValueError, match="not loaded"):
         model.mixture(torch.ones(1, 1), ["nope"])
+    with pytest.raises(ValueError, match=r"kernel must be one of \('auto', 'union', 'gather'\), got 'fast'"):
+        with model.mixture(torch.ones(1, 3), NAMES, kernel="fast"):
+            pass
 
 
 def test_delete_and_add_in_memory_keep_other_adapters_exact(tmp_path):

@@ -13,7 +13,8 @@ every ``A_j`` one after another, ``lora_B_bank[rows, out]`` the matching columns
 Row 0 is all zeros and pads ragged gathers. An adapter is a range of rows (its "slot"); a forward reads only
 the rows of the adapters the batch uses, so its cost depends on the batch and k, not on the pool size N.
 
-Kernels (chosen per call, see ``_choose_kernel``):
+Kernels (chosen per call, see ``_choose_kernel``; ``lora_mixture_context(..., kernel="union"|"gather")`` forces
+one, and ``mixture_kernels()`` tells which one each layer ran):
 
 * ``union``: the union U of rank rows used by the batch, one GEMM ``x @ A_U^T`` and one ``@ B_U``, with a
   per-sample coefficient matrix ``C[sample, row]`` (zero where a sample doesn't use a row). Best when the
@@ -38,10 +39,12 @@ import torch
 from torch import nn
 
 __all__ = [
+    "MIXTURE_KERNELS",
     "LoraLinear",
     "LoraRouting",
     "current_routing",
     "lora_mixture_context",
+    "mixture_kernels",
 ]
 
 # ----------------------------------------------------------------------------------------------------------
@@ -156,15 +159,21 @@ def _check_finite(t: torch.Tensor, what: str) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
+# "auto" picks per call (``_choose_kernel``); "union" / "gather" force that kernel wherever it applies.
+MIXTURE_KERNELS = ("auto", "union", "gather")
+
+
 @dataclass
 class _MixtureState:
     routing: LoraRouting
     row_index: dict[str, torch.Tensor]
+    kernel: str = "auto"  # one of MIXTURE_KERNELS
     # Routing as a dense [batch, n_used] matrix over the adapters it actually uses.
     used_names: list[str] = field(init=False)
     used_weights: torch.Tensor = field(init=False)
     plans: dict[tuple, _LayoutPlan] = field(default_factory=dict)  # shared by layers with one layout
     layers: dict[int, _LayerCache] = field(default_factory=dict)  # per layer (by id): plan + gathered rows
+    kernels: dict[str, str] = field(default_factory=dict)  # module name -> kernel its last call ran
 
     def __post_init__(self) -> None:
         dense = self.routing.to_dense()
@@ -182,6 +191,7 @@ def lora_mixture_context(
     adapter_names: Sequence[str] | None = None,
     *,
     row_index: Mapping[str, torch.Tensor] | None = None,
+    kernel: str = "auto",
 ) -> Iterator[LoraRouting]:
     """Route every LoRA layer per sample for the duration of the block (prefill and every decode step).
 
@@ -193,13 +203,26 @@ def lora_mixture_context(
         row_index: for activations whose leading dimension is not the batch (e.g. a vision tower that sees
             all images' patches as rows), a map from a module-name prefix to a long tensor giving the sample
             of every leading row. The longest matching prefix wins. ``swift.llm`` builds it for VLMs.
+        kernel: ``"auto"`` (default: each layer picks per call, measured thresholds ``GATHER_MIN_TOKENS`` /
+            ``GATHER_MIN_UNION_RATIO``), ``"union"`` or ``"gather"`` to force one (benchmarks, exactness tests).
+            Both compute the same sum; ``"gather"`` applies only where an activation's leading dimension is
+            the batch, so layers under ``row_index`` (vision towers) run ``"union"`` either way.
+            ``mixture_kernels()`` reports what each layer ran.
 
     Yields:
         The ``LoraRouting`` in force.
 
     Every layer checks that the adapters named exist in it or in some layer of the model; an adapter that
     targets other modules simply contributes nothing here. Contexts nest: the innermost one wins.
+
+    Raises:
+        ValueError: a malformed routing, ``row_index`` naming samples outside the batch, or an unknown
+            ``kernel``.
     """
+    if kernel not in MIXTURE_KERNELS:
+        raise ValueError(
+            f"kernel must be one of {MIXTURE_KERNELS}, got {kernel!r}; use 'auto' unless measuring."
+        )
     routing = _as_routing(lora_mapping, adapter_names)
     rows = {}
     for prefix, index in (row_index or {}).items():
@@ -210,7 +233,7 @@ def lora_mixture_context(
                 "name the sample (batch position) it belongs to."
             )
         rows[prefix] = index
-    token = _MIXTURE.set(_MixtureState(routing, rows))
+    token = _MIXTURE.set(_MixtureState(routing, rows, kernel))
     try:
         yield routing
     finally:
@@ -221,6 +244,16 @@ def current_routing() -> LoraRouting | None:
     """The routing of the innermost active ``lora_mixture_context`` in this thread/task, or ``None``."""
     state = _MIXTURE.get()
     return None if state is None else state.routing
+
+
+def mixture_kernels() -> dict[str, str]:
+    """Kernel (``"union"`` / ``"gather"``) each layer's latest call ran in the innermost active context.
+
+    Keyed by the layer's ``module_name``; empty outside a context or before any layer ran in it. A copy: it
+    doesn't change as the model keeps running.
+    """
+    state = _MIXTURE.get()
+    return {} if state is None else dict(state.kernels)
 
 
 def _as_routing(
@@ -292,13 +325,18 @@ class _LayerCache:
 # Kernel selection (measured; see docs/decisions.md): once the batch's union of rows is clearly wider than one
 # sample's rows (samples use different adapters), per-sample gather + bmm does R_U / L times fewer FLOPs and
 # wins at every T, decode included (its gathered rows are cached for the context); when samples share
-# adapters, the union GEMM wins.
+# adapters, the union GEMM wins. Read-only tuned defaults: to force a kernel, pass ``kernel=`` to the context.
 GATHER_MIN_TOKENS = 1
 GATHER_MIN_UNION_RATIO = 2.0
 
 
-def _choose_kernel(tokens_per_row: int, plan: _LayoutPlan, per_sample_rows: bool) -> str:
-    if not per_sample_rows or tokens_per_row < GATHER_MIN_TOKENS:
+def _choose_kernel(tokens_per_row: int, plan: _LayoutPlan, per_sample_rows: bool, requested: str) -> str:
+    """``requested`` ("auto" / "union" / "gather") -> the kernel this call runs."""
+    if not per_sample_rows:
+        return "union"  # rows are not samples (vision tower under row_index): only the union kernel applies
+    if requested != "auto":
+        return requested
+    if tokens_per_row < GATHER_MIN_TOKENS:
         return "union"
     if plan.union_rows.numel() < GATHER_MIN_UNION_RATIO * plan.max_rows:
         return "union"
@@ -465,7 +503,8 @@ class LoraLinear(nn.Module):
         samples = self._row_samples(x, state)  # [lead] sample of every leading row, or None = identity
         lead = x.shape[0]
         x3 = x.reshape(lead, -1, self.in_features).to(self.lora_dtype)  # [lead, T, in]
-        kernel = _choose_kernel(x3.shape[1], plan, per_sample_rows=samples is None)
+        kernel = _choose_kernel(x3.shape[1], plan, per_sample_rows=samples is None, requested=state.kernel)
+        state.kernels[self.module_name] = kernel
         if kernel == "gather":
             if cache.a_sel is None:  # gathered once per context: decode steps reuse it
                 if plan.gather_rows is None:

@@ -288,6 +288,7 @@ class SwiftModel(nn.Module):
         adapter_names: Sequence[str] | None = None,
         *,
         row_index: Mapping[str, torch.Tensor] | None = None,
+        kernel: str = "auto",
     ) -> contextlib.AbstractContextManager[LoraRouting]:
         """``lora_mixture_context`` after checking that every routed adapter is loaded in this model."""
         names = lora_mapping.adapter_names if isinstance(lora_mapping, LoraRouting) else adapter_names
@@ -296,7 +297,7 @@ class SwiftModel(nn.Module):
             raise ValueError(
                 f"routing names adapters that are not loaded: {unknown}; loaded: {self.adapter_names}."
             )
-        return lora_mixture_context(lora_mapping, adapter_names, row_index=row_index)
+        return lora_mixture_context(lora_mapping, adapter_names, row_index=row_index, kernel=kernel)
 
 
 def _model_name(name_or_path: str) -> str:
