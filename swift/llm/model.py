@@ -32,7 +32,14 @@ from swift.utils import cache_dir, get_logger
 
 logger = get_logger(__name__)
 
-__all__ = ["DEFAULT_MODEL_TYPE", "MODEL_TYPES", "ModelInfo", "get_model_tokenizer", "smollm2_hf_dir"]
+__all__ = [
+    "DEFAULT_MODEL_TYPE",
+    "MODEL_TYPES",
+    "MODEL_TYPE_CHOICES",
+    "ModelInfo",
+    "get_model_tokenizer",
+    "smollm2_hf_dir",
+]
 
 DEFAULT_MODEL_TYPE = "smollm2-135m-instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -65,6 +72,8 @@ MODEL_TYPES: dict[str, ModelInfo] = {
         ModelInfo("internvl2", "AutoModel", True, ("internvl_chat",), needs_remote_code=True),
     )
 }
+#: What ``--model_type`` accepts: every model type, or ``auto`` (read from the directory's config.json).
+MODEL_TYPE_CHOICES = (*MODEL_TYPES, "auto")
 
 
 def get_model_tokenizer(
