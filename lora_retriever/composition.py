@@ -7,63 +7,50 @@
   an LRU cache and loaded next to the pool, so a batch with several fused adapters still runs in one
   ``generate`` (one-hot routing over the fused adapters).
 
-Adapters are loaded from the pool once, on first use, and kept.
+Both turn their selections into one ``LoraRouting`` and make one ``swift.llm.inference`` call (the one
+batching level). A composer works on one ``SwiftModel`` for its whole life: a plain model is wrapped once,
+when the composer is built; to share one model (and the adapters loaded into it) between composers, pass
+the first composer's ``.model`` to the next. Adapters are loaded from the pool once, on first use, and kept.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from lora_retriever.pool import AdapterPool
 from lora_retriever.retriever import RetrievedAdapter
-from swift.tuners import Swift, SwiftModel
+from lora_retriever.selection import routing_from_selections
+from swift.llm.infer import Answers
+from swift.tuners import LoraLinear, LoraRouting, SwiftModel
 from swift.utils import get_logger
 
 logger = get_logger(__name__)
 
-__all__ = ["Composer", "FusionComposer", "MixtureComposer", "routing_matrix"]
+__all__ = ["Composer", "FusionComposer", "MixtureComposer"]
 
 Selection = Sequence[RetrievedAdapter]
 
 
-def routing_matrix(selections: Sequence[Selection], order: Sequence[str]) -> tuple[torch.Tensor, list[str]]:
-    """The paper's ``[batch, p]`` weight matrix over the union of the selected adapters.
-
-    Columns follow ``order`` (the pool order), so the same selections always give the same matrix. A sample
-    with no selection gets an all-zero row (the base model).
-
-    Raises:
-        ValueError: a selected adapter is not in ``order``.
-    """
-    position = {name: i for i, name in enumerate(order)}
-    used = sorted({a.name for sel in selections for a in sel}, key=lambda n: position.get(n, -1))
-    unknown = [n for n in used if n not in position]
-    if unknown:
-        raise ValueError(f"selected adapters {unknown} are not in the pool")
-    column = {name: j for j, name in enumerate(used)}
-    mapping = torch.zeros(len(selections), len(used))
-    for i, sel in enumerate(selections):
-        for adapter in sel:
-            mapping[i, column[adapter.name]] += adapter.weight
-    return mapping, used
-
-
 class Composer:
-    """Shared machinery: the model with its pool of adapters, the template and generation settings.
+    """Shared machinery: one ``SwiftModel`` with its pool of adapters, the template and generation settings.
 
     Args:
-        model: a transformers model or a ``SwiftModel``.
+        model: a ``SwiftModel`` (shared with whoever else holds it), or a plain transformers model, which is
+            wrapped in a new ``SwiftModel`` here, once (``composer.model``); the model's targeted linear layers
+            are replaced in place as adapters load.
         template: the model's ``swift.llm`` template.
         pool: the adapter pool the selections refer to.
         batch_size: queries per ``generate`` call.
         generation_config: passed to ``swift.llm.inference``.
+        progress: show a progress bar over batches.
+
+    Raises:
+        ValueError: ``model`` already holds LoRA layers of another ``SwiftModel`` (pass that ``SwiftModel``).
     """
 
     def __init__(
@@ -76,35 +63,46 @@ class Composer:
         generation_config: Any = None,
         progress: bool = True,
     ):
-        self.model = model
+        if not isinstance(model, SwiftModel):
+            if any(isinstance(m, LoraLinear) for m in model.modules()):
+                raise ValueError(
+                    f"{type(model).__name__} already holds LoRA layers of a SwiftModel; pass that SwiftModel "
+                    "(e.g. other_composer.model) to share it, not the model inside it."
+                )
+            model = SwiftModel(model)
+        self.model: SwiftModel = model
         self.template = template
         self.pool = pool
         self.batch_size = batch_size
         self.generation_config = generation_config
         self.progress = progress
 
-    def ensure_loaded(self, names: Sequence[str]) -> SwiftModel:
-        """Load the named pool adapters that aren't loaded yet; returns the ``SwiftModel``."""
+    def ensure_loaded(self, names: Sequence[str]) -> None:
+        """Load the named pool adapters that aren't loaded into ``self.model`` yet."""
         for name in names:
-            loaded = self.model.adapter_names if isinstance(self.model, SwiftModel) else []
-            if name not in loaded:
-                self.model = Swift.from_pretrained(self.model, self.pool[name].lora_path, adapter_name=name)
+            if name not in self.model.adapter_configs:
+                self.model.load_adapter(self.pool[name].lora_path, adapter_name=name)
                 self.model.set_active_adapters(None)  # outside a routing context: the base model
-        if not isinstance(self.model, SwiftModel):
-            self.model = SwiftModel(self.model)
-        return self.model
 
     def generate(
-        self, queries: Sequence[str], selections: Sequence[Selection], images: Sequence[Any] | None = None
-    ) -> list[str]:
+        self,
+        queries: Sequence[str],
+        selections: Sequence[Selection],
+        images: Sequence[Any] | None = None,
+        *,
+        on_error: str = "raise",
+    ) -> Answers:
+        """One answer per query; ``selections[i]`` are query i's adapters with weights (may be empty).
+
+        ``on_error="isolate"``: a query that fails gets ``""`` and its error in ``Answers.errors``.
+        """
         raise NotImplementedError
 
-    def _run(self, queries, images, mapping: torch.Tensor, names: list[str]) -> list[str]:
+    def _run(self, queries, images, routing: LoraRouting, on_error: str) -> Answers:
         from swift.llm import inference
 
-        if not names:  # no sample uses an adapter: the base model
-            disabled = self.model.disable_adapters() if isinstance(self.model, SwiftModel) else nullcontext()
-            with disabled:
+        if not routing.used_names():  # no sample uses an adapter: the base model
+            with self.model.disable_adapters():
                 return inference(
                     self.model,
                     self.template,
@@ -112,6 +110,7 @@ class Composer:
                     images,
                     batch_size=self.batch_size,
                     generation_config=self.generation_config,
+                    on_error=on_error,
                     progress=self.progress,
                 )
         return inference(
@@ -119,34 +118,44 @@ class Composer:
             self.template,
             list(queries),
             images,
-            lora_mapping=mapping,
-            adapter_names=names,
+            routing=routing,
             batch_size=self.batch_size,
             generation_config=self.generation_config,
+            on_error=on_error,
             progress=self.progress,
         )
+
+
+def _check_lengths(queries: Sequence[str], selections: Sequence[Selection]) -> None:
+    if len(selections) != len(queries):
+        raise ValueError(f"{len(selections)} selections for {len(queries)} queries; give one per query")
 
 
 class MixtureComposer(Composer):
     """Per-sample weighted mixture of each sample's retrieved adapters, in one batched ``generate``."""
 
     def generate(
-        self, queries: Sequence[str], selections: Sequence[Selection], images: Sequence[Any] | None = None
-    ) -> list[str]:
-        """One answer per query; ``selections[i]`` are query i's adapters with weights (may be empty)."""
-        if len(selections) != len(queries):
-            raise ValueError(f"{len(selections)} selections for {len(queries)} queries; give one per query")
-        mapping, names = routing_matrix(selections, self.pool.names)
-        self.ensure_loaded(names)
-        return self._run(queries, images, mapping, names)
+        self,
+        queries: Sequence[str],
+        selections: Sequence[Selection],
+        images: Sequence[Any] | None = None,
+        *,
+        on_error: str = "raise",
+    ) -> Answers:
+        _check_lengths(queries, selections)
+        routing = routing_from_selections(selections, self.pool.names)
+        self.ensure_loaded(routing.adapter_names)
+        return self._run(queries, images, routing, on_error)
 
 
 class FusionComposer(Composer):
     """Merge each sample's adapters into one (``lora_retriever.fusion``) and generate with it.
 
     Args:
-        method: ``cat``, ``linear`` (the paper's), ``svd``, ``ties``, ``dare_linear``, ``dare_ties``.
-        cache_size: fused adapters kept loaded (least recently used evicted first).
+        method: a fusion method of the registry (``lora_retriever.fusion.available_methods()``; ``linear``
+            is the paper's).
+        cache_size: fused adapters kept loaded between calls (least recently used evicted first; one call
+            keeps every fused adapter it uses loaded until it ends).
         fusion_options: passed to ``lora_retriever.fusion.fuse`` (e.g. ``svd_rank``, ``density``, ``seed``).
     """
 
@@ -193,28 +202,26 @@ class FusionComposer(Composer):
         return fused.save(out_dir, base_model_name_or_path=base)
 
     def generate(
-        self, queries: Sequence[str], selections: Sequence[Selection], images: Sequence[Any] | None = None
-    ) -> list[str]:
-        if len(selections) != len(queries):
-            raise ValueError(f"{len(selections)} selections for {len(queries)} queries; give one per query")
-        answers: list[str] = []
-        for start in range(0, len(queries), self.batch_size):
-            batch = slice(start, start + self.batch_size)
-            keys = [self.selection_key(sel) for sel in selections[batch]]
-            names = []
-            for key, sel in zip(keys, selections[batch]):
-                names.append(self._get(key, sel, pinned=set(keys))[0] if key else None)
-            used = sorted({n for n in names if n})
-            mapping = torch.zeros(len(names), len(used))
-            for i, name in enumerate(names):
-                if name:
-                    mapping[i, used.index(name)] = 1.0
-            answers.extend(
-                self._run(queries[batch], None if images is None else images[batch], mapping, used)
-            )
-        return answers
+        self,
+        queries: Sequence[str],
+        selections: Sequence[Selection],
+        images: Sequence[Any] | None = None,
+        *,
+        on_error: str = "raise",
+    ) -> Answers:
+        _check_lengths(queries, selections)
+        keys = [self.selection_key(sel) for sel in selections]
+        fused_names = {key: self._get(key, sel)[0] for key, sel in zip(keys, selections) if key}
+        one_hot = [
+            [RetrievedAdapter(fused_names[key], 1.0, float("nan"))] if key else [] for key in keys
+        ]  # each sample routes to its own fused adapter, weight 1
+        order = [name for name, _ in self._fused.values()]
+        try:
+            return self._run(queries, images, routing_from_selections(one_hot, order), on_error)
+        finally:
+            self._evict()
 
-    def _get(self, key: tuple, selection: Selection, pinned: set | None = None) -> tuple[str, Any]:
+    def _get(self, key: tuple, selection: Selection) -> tuple[str, Any]:
         if key in self._fused:
             self._fused.move_to_end(key)
             return self._fused[key]
@@ -233,17 +240,13 @@ class FusionComposer(Composer):
         )
         self._counter += 1
         name = f"fused-{self.method}-{self._counter}"
-        model = self.ensure_loaded([])
-        model.add_adapter_weights(name, {m: (a, b, 1.0) for m, (a, b) in fused.modules.items()})
-        model.set_active_adapters(None)
+        self.model.add_adapter_weights(name, {m: (a, b, 1.0) for m, (a, b) in fused.modules.items()})
+        self.model.set_active_adapters(None)
         self._fused[key] = (name, fused)
-        self._evict(pinned or set())
         return self._fused[key]
 
-    def _evict(self, pinned: set) -> None:
-        for key in list(self._fused):
-            if len(self._fused) <= self.cache_size:
-                return
-            if key not in pinned:
-                name, _ = self._fused.pop(key)
-                self.model.delete_adapter(name)
+    def _evict(self) -> None:
+        """Unload least recently used fused adapters beyond ``cache_size``."""
+        while len(self._fused) > self.cache_size:
+            _, (name, _) = self._fused.popitem(last=False)
+            self.model.delete_adapter(name)

@@ -21,50 +21,26 @@ from typing import Any
 
 import numpy as np
 
-from lora_retriever.retriever import RetrievedAdapter, adapter_weights
 from swift.utils import get_logger
 
 logger = get_logger(__name__)
 
-# (method, needs retrieval, composer kind, k)
+# column of the table -> (selection method of ``lora_retriever.selection``, composer: mixture or a fusion method)
 METHODS = {
-    "base": ("none", "mixture", 0),
-    "oracle": ("oracle", "mixture", 1),
-    "selection": ("retrieval", "mixture", 1),
-    "mixture": ("retrieval", "mixture", 3),
-    "fusion_linear": ("retrieval", "linear", 3),
-    "fusion_cat": ("retrieval", "cat", 3),
-    "uniform_all": ("all", "mixture", 0),
+    "base": ("base", "mixture"),
+    "oracle": ("oracle", "mixture"),
+    "selection": ("selection", "mixture"),
+    "mixture": ("mixture", "mixture"),
+    "fusion_linear": ("fusion", "linear"),
+    "fusion_cat": ("fusion", "cat"),
+    "uniform_all": ("uniform_all", "mixture"),
 }
 
 
-def select(
-    method: str, sims: np.ndarray, names: list[str], own: list[str], ood: bool, top_k: int
-) -> list[list]:
-    """Per sample, the adapters a method composes (weights sum to 1)."""
-    source, _, k = METHODS[method]
-    k = top_k if method in ("mixture", "fusion_linear", "fusion_cat") else k
-    out = []
-    for i, task in enumerate(own):
-        allowed = [j for j, n in enumerate(names) if not (ood and n == task)]
-        if source == "none":
-            out.append([])
-        elif source == "oracle":
-            out.append([RetrievedAdapter(task, 1.0, float(sims[i, names.index(task)]))])
-        elif source == "all":
-            out.append([RetrievedAdapter(names[j], 1.0 / len(allowed), float(sims[i, j])) for j in allowed])
-        else:
-            ranked = sorted(allowed, key=lambda j: (-sims[i, j], j))[:k]
-            weights = adapter_weights(sims[i, ranked], "uniform")
-            out.append(
-                [RetrievedAdapter(names[j], float(w), float(sims[i, j])) for j, w in zip(ranked, weights)]
-            )
-    return out
-
-
-def retrieval_accuracy(sims: np.ndarray, names: list[str], own: list[str], k: int) -> float:
+def retrieval_accuracy(sims: np.ndarray, own: list[int], k: int) -> float:
+    """Fraction of queries whose own adapter (column ``own[i]`` of ``sims [n, N]``) ranks in the top ``k``."""
     top = np.argsort(-sims, axis=1, kind="stable")[:, :k]
-    return float(np.mean([names.index(t) in row for t, row in zip(own, top)]))
+    return float(np.mean([j in row for j, row in zip(own, top)]))
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -76,6 +52,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from lora_retriever.embedders import EmbedderConfig, get_embedder
     from lora_retriever.pool import AdapterPool
     from lora_retriever.retriever import LoraRetriever, LoraRetrieverConfig
+    from lora_retriever.selection import select_adapters, task_adapter
     from lora_retriever.tasks import is_correct
     from swift.llm import get_model_tokenizer, get_template
 
@@ -90,17 +67,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     samples = read_samples(args.test_data, limit=args.num_samples)
     alt = read_samples(args.test_alt, limit=args.num_samples) if args.test_alt else None
     own = [s.task for s in samples]
-    missing = sorted({t for t in own if t not in names})
+    missing = sorted({t for t in own if task_adapter(pool, t) is None})
     if missing:
-        raise ValueError(f"tasks {missing} have no adapter of the same name in {args.pool}")
-    sims = retriever.embed_queries([s.query for s in samples]) @ keys.T
+        raise ValueError(f"tasks {missing} have no adapter in {args.pool} (by name or 'task' field)")
+    vectors = retriever.embed_queries([s.query for s in samples])
     result: dict[str, Any] = {"retrieval": {}, "scores": {}, "settings": vars(args).copy()}
-    for wording, rows, data in (("test", sims, samples), ("test_alt", None, alt)):
+    for wording, rows, data in (("test", vectors, samples), ("test_alt", None, alt)):
         if data is None:
             continue
-        rows = rows if rows is not None else retriever.embed_queries([s.query for s in data]) @ keys.T
-        tasks = [s.task for s in data]
-        result["retrieval"][wording] = {f"top{k}": retrieval_accuracy(rows, names, tasks, k) for k in (1, 3)}
+        rows = rows if rows is not None else retriever.embed_queries([s.query for s in data])
+        own_idx = [names.index(task_adapter(pool, s.task)) for s in data]
+        result["retrieval"][wording] = {
+            f"top{k}": retrieval_accuracy(rows @ keys.T, own_idx, k) for k in (1, 3)
+        }
 
     model, tokenizer = get_model_tokenizer(args.model_type, args.model_path)
     template = get_template(args.model_type, tokenizer)
@@ -108,9 +87,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     composers = {
         "mixture": MixtureComposer(model, template, pool, batch_size=args.batch_size, generation_config=gen),
     }
+    shared = composers["mixture"].model  # one SwiftModel: the pool's adapters load once for every composer
     for kind in ("linear", "cat"):
         composers[kind] = FusionComposer(
-            composers["mixture"].ensure_loaded(names),
+            shared,
             template,
             pool,
             method=kind,
@@ -124,8 +104,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if setting == "ood" and method in ("base", "oracle"):
                 continue  # base has no adapter to exclude; oracle's only adapter is the excluded one
             start = time.perf_counter()
-            selections = select(method, sims, names, own, setting == "ood", args.top_k)
-            composer = composers[METHODS[method][1]]
+            selection_method, composer_kind = METHODS[method]
+            selections = select_adapters(
+                selection_method,
+                pool,
+                tasks=own,
+                retriever=retriever,
+                vectors=vectors,
+                ood=setting == "ood",
+                top_k=args.top_k,
+                weight_mode="uniform",
+            )
+            composer = composers[composer_kind]
             answers = composer.generate(queries, selections)
             correct = [is_correct(s.task, a, s.response) for s, a in zip(samples, answers)]
             per_task = {

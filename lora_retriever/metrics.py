@@ -1,31 +1,62 @@
-"""Answer and retrieval metrics: exact match, ROUGE-L (F1), BLEU-4, retrieval top-1 / top-k accuracy."""
+"""Answer metrics: exact match, ROUGE-L (F1), BLEU-4.
+
+Exact match has one rule in this project, :func:`normalize_answer`, used by the CLI
+(``infer_lora_retriever.py``'s metrics), the paper protocol (``lora_retriever.tasks.is_correct``) and spectral
+editing's ``--match normalized``. ROUGE-L and BLEU compare every token of the whole answer
+(:func:`tokenize`: case-folded, punctuation removed).
+"""
 
 from __future__ import annotations
 
 import math
 import re
 import string
+import unicodedata
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 __all__ = ["bleu", "exact_match", "normalize_answer", "rouge_l", "tokenize"]
 
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
+# Curly quotes and apostrophes (CLDR writes "Côte d’Ivoire") compare equal to their ASCII forms.
+_QUOTES = str.maketrans({"\u2018": "'", "\u2019": "'", "\u02bc": "'", "\u201c": '"', "\u201d": '"'})
+# A leading "Answer:" label is formatting, not content.
+_LABEL = re.compile(r"^(?:final\s+)?answer\s*[:\-]\s*", re.IGNORECASE)
+# Wrapping quotes / markdown emphasis, and a closing period or exclamation mark.
+_EDGES = re.compile(r"^[\s\"'`*_]+|[\s\"'`*_.!]+$")
 
 
 def normalize_answer(text: str) -> str:
-    """Lower-case, punctuation to spaces, whitespace collapsed: 'Paris.' == 'paris'."""
-    text = _PUNCT.sub(" ", text.lower())
-    return " ".join(text.split())
+    """The comparison form of a short answer: the one rule behind exact match.
+
+    1. Unicode NFKC; curly quotes and apostrophes become ASCII ones.
+    2. Only the first non-empty line counts (a model that answers and then explains still answered).
+    3. A leading ``Answer:`` / ``Final answer:`` label is dropped.
+    4. Wrapping quotes, backticks and markdown ``*``/``_`` are dropped, as is a trailing ``.`` or ``!``.
+    5. Case-folded, runs of whitespace collapsed to one space.
+
+    Everything else counts: accents (``Équateur`` != ``Equateur``), hyphens, word order, and any extra
+    words. In particular a full sentence such as ``"The answer is Paris"`` does **not** match ``"Paris"``:
+    answering in the task's short format is part of the task (the base model answers in sentences; the
+    adapters are what teach the format), so exact match keeps meaning "answered right, as asked".
+    """
+    text = unicodedata.normalize("NFKC", text).translate(_QUOTES)
+    lines = [line for line in text.splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    text = _LABEL.sub("", _EDGES.sub("", text))
+    text = _EDGES.sub("", text)
+    return " ".join(text.casefold().split())
 
 
 def tokenize(text: str) -> list[str]:
-    return normalize_answer(text).split()
+    """Tokens for ROUGE/BLEU: the whole text, NFKC, case-folded, punctuation as spaces."""
+    return _PUNCT.sub(" ", unicodedata.normalize("NFKC", text).casefold()).split()
 
 
-def exact_match(prediction: str, reference: str) -> float:
-    """1.0 when the normalised prediction equals the normalised reference."""
-    return float(normalize_answer(prediction) == normalize_answer(reference))
+def exact_match(prediction: str, reference: str, normalize: Callable[[str], str] = normalize_answer) -> float:
+    """1.0 when the normalised prediction equals the normalised reference; an empty reference matches nothing."""
+    expected = normalize(reference)
+    return float(bool(expected) and normalize(prediction) == expected)
 
 
 def rouge_l(prediction: str, reference: str) -> float:

@@ -21,13 +21,14 @@ from lora_retriever.data import Sample, read_samples
 from lora_retriever.metrics import bleu, exact_match, rouge_l
 from lora_retriever.pool import AdapterPool
 from lora_retriever.retriever import WEIGHT_MODES, LoraRetriever, LoraRetrieverConfig, RetrievedAdapter
+from lora_retriever.selection import SELECTION_METHODS, select_adapters, task_adapter
 from swift.utils import get_logger
 
 logger = get_logger(__name__)
 
-__all__ = ["MERGE_METHODS", "InferenceConfig", "run_inference", "task_adapter"]
+__all__ = ["MERGE_METHODS", "InferenceConfig", "run_inference"]
 
-MERGE_METHODS = ("mixture", "fusion", "selection", "base", "oracle")
+MERGE_METHODS = tuple(SELECTION_METHODS)  # base, oracle, selection, mixture, fusion, uniform_all
 
 
 @dataclass
@@ -86,18 +87,6 @@ class InferenceConfig:
         return paths, defaults
 
 
-def task_adapter(pool: AdapterPool, task: str | None) -> str | None:
-    """The pool adapter trained for ``task``: the entry named so, or whose ``task`` field equals it."""
-    if not task:
-        return None
-    if task in pool:
-        return task
-    for entry in pool:
-        if entry.get("task") == task:
-            return entry.lora_name
-    return None
-
-
 def run_inference(config: InferenceConfig) -> dict[str, Any]:
     """Run the whole job; returns the metrics (also written to ``output_dir/metrics.json``)."""
     random.seed(config.seed)
@@ -114,7 +103,9 @@ def run_inference(config: InferenceConfig) -> dict[str, Any]:
             with_context,
         )
     pool = _load_pool(config)
-    selections, retrieved = _select(config, pool, samples)
+    # Images are decoded once, here, for both retrieval and generation.
+    images = [s.load_images() for s in samples] if any(s.images for s in samples) else None
+    selections, retrieved = _select(config, pool, samples, images)
 
     from transformers import GenerationConfig
 
@@ -128,7 +119,8 @@ def run_inference(config: InferenceConfig) -> dict[str, Any]:
     composer = _composer(config, model, template, pool, generation)
 
     start = time.perf_counter()
-    predictions, errors = _generate(composer, samples, selections, config)
+    predictions = composer.generate([s.query for s in samples], selections, images, on_error="isolate")
+    errors = predictions.errors
     elapsed = time.perf_counter() - start
 
     out_dir = Path(config.output_dir)
@@ -169,24 +161,16 @@ def _load_pool(config: InferenceConfig) -> AdapterPool | None:
 
 
 def _select(
-    config: InferenceConfig, pool: AdapterPool | None, samples: Sequence[Sample]
+    config: InferenceConfig, pool: AdapterPool | None, samples: Sequence[Sample], images: list | None
 ) -> tuple[list[list[RetrievedAdapter]], bool]:
-    """Per sample, the adapters and weights to compose; and whether they came from retrieval."""
+    """Per sample, the adapters and weights to compose (``lora_retriever.selection``); and whether they came
+    from retrieval."""
     method = config.merge_method
-    if method == "base" or pool is None:
+    if pool is None:
         return [[] for _ in samples], False
-    if method == "oracle":
-        selections = []
-        for sample in samples:
-            name = task_adapter(pool, sample.task)
-            selections.append([RetrievedAdapter(name, 1.0, float("nan"))] if name else [])
-            if name is None:
-                logger.warning(
-                    "sample %s: no adapter for task %r in the pool; oracle runs the base model",
-                    sample.id,
-                    sample.task,
-                )
-        return selections, False
+    tasks = [s.task for s in samples]
+    if SELECTION_METHODS[method] in ("none", "own", "all"):
+        return select_adapters(method, pool, tasks=tasks, ood=config.ood), False
     from lora_retriever.embedders import EmbedderConfig
 
     embedder = EmbedderConfig(backend=config.embedder, model_path=config.embedder_path, device=config.device)
@@ -201,22 +185,13 @@ def _select(
     )
     if config.show_similarities:
         logger.info("similarities:\n%s", retriever.show_similarities([s.query for s in samples[:10]]))
-    exclude = [task_adapter(pool, s.task) for s in samples] if config.ood else None
-    top_k = 1 if method == "selection" else config.top_k
-    images = None
-    if any(s.images for s in samples):
-        if getattr(retriever.embedder, "supports_images", False):
-            images = [s.load_images() for s in samples]
-        else:
-            logger.warning(
-                "embedder %s is text-only: images are ignored for retrieval", retriever.embedder.model_id
-            )
-    selections = retriever.retrieve(
-        [s.query for s in samples],
-        top_k,
-        images=images,
-        exclude=exclude,
-        weight_mode="uniform" if method == "selection" else None,
+    if images is not None and not getattr(retriever.embedder, "supports_images", False):
+        logger.warning("embedder %s is text-only: images are ignored for retrieval", retriever.embedder.model_id)
+        images = None
+    retriever.check_embedder()
+    vectors = retriever.embed_queries([s.query for s in samples], images)
+    selections = select_adapters(
+        method, pool, tasks=tasks, retriever=retriever, vectors=vectors, ood=config.ood, top_k=config.top_k
     )
     return selections, True
 
@@ -228,33 +203,6 @@ def _composer(config, model, template, pool, generation):
     if config.merge_method == "fusion":
         return FusionComposer(model, template, pool, method=config.combination_type, **common)
     return MixtureComposer(model, template, pool or AdapterPool([]), **common)
-
-
-def _generate(composer, samples, selections, config) -> tuple[list[str], list[str | None]]:
-    """Generate in chunks; a failing chunk is retried sample by sample so one bad input costs only itself."""
-    predictions: list[str] = [""] * len(samples)
-    errors: list[str | None] = [None] * len(samples)
-    chunk = max(config.batch_size * 4, 1)
-    for start in range(0, len(samples), chunk):
-        idx = list(range(start, min(start + chunk, len(samples))))
-        try:
-            outs = _generate_some(composer, [samples[i] for i in idx], [selections[i] for i in idx])
-            for i, out in zip(idx, outs):
-                predictions[i] = out
-        except Exception as err:  # isolate the failing sample(s); each failure is recorded, none skipped
-            logger.warning("batch starting at sample %d failed (%s); retrying one by one", start, err)
-            for i in idx:
-                try:
-                    predictions[i] = _generate_some(composer, [samples[i]], [selections[i]])[0]
-                except Exception as one_err:
-                    errors[i] = f"{type(one_err).__name__}: {one_err}"
-                    logger.error("sample %s failed: %s", samples[i].id, errors[i])
-    return predictions, errors
-
-
-def _generate_some(composer, samples: Sequence[Sample], selections) -> list[str]:
-    images = [s.load_images() for s in samples] if any(s.images for s in samples) else None
-    return composer.generate([s.query for s in samples], selections, images)
 
 
 def score(

@@ -24,15 +24,15 @@ from torch import nn
 
 from spectral_edit.edit import EditConfig, spectral_gate
 from spectral_edit.hooks import ModuleSpec, compute_sigma_gradients, count_target_tokens, resolve_module
-from spectral_edit.io import (
+from spectral_edit.io import load_lora_adapter
+from spectral_edit.svd import LowRankSVD, lowrank_svd_from_ba, rebuild_ba_from_uv_sigma
+from swift.tuners.peft_format import (
     CONFIG_NAME,
     LoraAdapter,
-    load_lora_adapter,
     parse_lora_ab_key,
     peft_lora_key,
-    save_lora_state_dict,
+    write_adapter_dir,
 )
-from spectral_edit.svd import LowRankSVD, lowrank_svd_from_ba, rebuild_ba_from_uv_sigma
 
 logger = logging.getLogger(__name__)
 
@@ -203,7 +203,7 @@ def load_peft_model(model: nn.Module, adapter: LoraAdapter) -> nn.Module:
         state[peft_lora_key(module, "A")] = pair.lora_A
         state[peft_lora_key(module, "B")] = pair.lora_B
     with tempfile.TemporaryDirectory(prefix="spectral-edit-") as tmp:
-        save_lora_state_dict(state, tmp, adapter_config=adapter.config)
+        write_adapter_dir(tmp, state, adapter.config)
         peft_model = PeftModel.from_pretrained(model, tmp).eval()
     table = dict(peft_model.named_modules())
     for module, pair in adapter.pairs.items():
@@ -306,7 +306,7 @@ def run_edit(job: EditJob) -> dict[str, Any]:
             g_sigma.setdefault(module, torch.zeros(0, dtype=torch.float64))
 
     state, edits = edit_adapter_state(adapter, decompositions, g_sigma, job.config)
-    save_lora_state_dict(state, out_dir)
+    write_adapter_dir(out_dir, state)
     config_file = (lora_path if lora_path.is_dir() else lora_path.parent) / CONFIG_NAME
     if config_file.is_file():
         shutil.copyfile(config_file, out_dir / CONFIG_NAME)  # verbatim: the weights keep their shapes
@@ -344,13 +344,14 @@ class EvalJob:
     progress: bool = True
 
 
-def normalize_answer(text: str, match: str) -> str:
-    """``exact``: whitespace-stripped; ``normalized``: also lower-cased, inner whitespace collapsed, trailing
-    ``.!?`` removed."""
-    text = text.strip()
+def answer_form(text: str, match: str) -> str:
+    """What ``--match`` compares: ``exact``: the whitespace-stripped text; ``normalized``: the project's one
+    exact-match rule, :func:`lora_retriever.metrics.normalize_answer` (the CLI's and the paper protocol's)."""
     if match == "normalized":
-        text = " ".join(text.lower().split()).rstrip(".!?").strip()
-    return text
+        from lora_retriever.metrics import normalize_answer
+
+        return normalize_answer(text)
+    return text.strip()
 
 
 def evaluate(job: EvalJob) -> dict[str, Any]:
@@ -391,7 +392,7 @@ def evaluate(job: EvalJob) -> dict[str, Any]:
     )
     rows = []
     for pair, prediction in zip(pairs, predictions):
-        hit = normalize_answer(prediction, job.match) == normalize_answer(pair.response, job.match)
+        hit = answer_form(prediction, job.match) == answer_form(pair.response, job.match)
         rows.append(
             {"query": pair.query, "reference": pair.response, "prediction": prediction, "correct": hit}
         )

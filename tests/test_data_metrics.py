@@ -68,6 +68,30 @@ def test_missing_query_and_missing_image(tmp_path):
 def test_metrics():
     assert exact_match("Paris.", "paris") == 1.0
     assert exact_match("It is Paris", "Paris") == 0.0
+    assert exact_match("Answer: **Côte d’Ivoire**\nbecause...", "Côte d'Ivoire") == 1.0
+    assert exact_match("", "") == 0.0  # an empty reference matches nothing
+
+
+def test_one_exact_match_rule_for_cli_paper_protocol_and_spectral_edit():
+    """The CLI's metric, the task suite's is_correct and spectral_edit's --match normalized agree."""
+    from lora_retriever.tasks import is_correct
+    from spectral_edit.pipeline import answer_form
+
+    cases = [
+        ("Paris.", "paris"),
+        ("It is Paris", "Paris"),
+        ("  'Lima'\nmore text", "Lima"),
+        ("Final answer: 42", "42"),
+        ("Équateur", "Equateur"),
+        ("", "x"),
+    ]
+    for prediction, reference in cases:
+        cli = exact_match(prediction, reference) == 1.0
+        paper = is_correct("capital", prediction, reference)
+        spectral = answer_form(prediction, "normalized") == answer_form(reference, "normalized") and bool(
+            answer_form(reference, "normalized")
+        )
+        assert cli == paper == spectral, (prediction, reference)
     assert rouge_l("the capital is paris", "paris") == pytest.approx(2 * (1 / 4) * 1 / (1 / 4 + 1))
     assert rouge_l("a b c d", "a x c d") == pytest.approx(0.75)
     assert bleu(["the cat sat on the mat"], ["the cat sat on the mat"]) == pytest.approx(1.0)

@@ -12,7 +12,7 @@ from transformers import GenerationConfig
 
 from swift.llm import get_model_tokenizer, get_template, inference
 from swift.llm.template import IGNORE_INDEX
-from swift.tuners import Swift
+from swift.tuners import LoraRouting, Swift
 from tests.factories import make_lora_dir
 from tests.tiny_vlms import VOCAB, build_tokenizer
 
@@ -225,11 +225,62 @@ def test_inference_mixture_matches_each_query_alone_and_merged_weights(llama, ll
     assert sum(a != b for a, b in zip(batched, base_answers)) >= 3  # the adapters change the answers
 
 
+def test_inference_sparse_routing_equals_dense_mapping(llama, llama_pool):
+    """A LoraRouting built from sparse per-sample selections gives the dense mapping's answers."""
+    _, template = llama
+    swift, _, _ = llama_pool
+    dense = inference(
+        swift,
+        template,
+        QUERIES,
+        lora_mapping=MAPPING,
+        adapter_names=ADAPTERS,
+        generation_config=GREEDY,
+        batch_size=2,
+        progress=False,
+    )
+    nonzero = [(row != 0).nonzero().flatten().tolist() for row in MAPPING]
+    k = max(len(cols) for cols in nonzero)
+    indices = torch.tensor([cols + [-1] * (k - len(cols)) for cols in nonzero])
+    weights = torch.tensor(
+        [[float(MAPPING[i, j]) if j >= 0 else 0.0 for j in row] for i, row in enumerate(indices.tolist())]
+    )
+    routing = LoraRouting.from_sparse(indices, weights, ADAPTERS)
+    sparse = inference(
+        swift, template, QUERIES, routing=routing, generation_config=GREEDY, batch_size=2, progress=False
+    )
+    assert list(sparse) == list(dense)
+    assert sparse.errors == [None] * len(QUERIES)
+
+
+def test_inference_isolates_a_failing_query(llama, llama_pool):
+    """on_error="isolate": the failing query gets "" and its error; the others are the answers they get alone."""
+    _, template = llama
+    swift, _, _ = llama_pool
+    queries = list(QUERIES)
+    queries[1] = 123  # not a string: fails to encode
+    kwargs = dict(lora_mapping=MAPPING, adapter_names=ADAPTERS, generation_config=GREEDY, progress=False)
+    with pytest.raises(ValueError):
+        inference(swift, template, queries, batch_size=2, **kwargs)
+    answers = inference(swift, template, queries, batch_size=2, on_error="isolate", **kwargs)
+    expected = inference(swift, template, QUERIES, batch_size=2, **kwargs)
+    assert answers[1] == "" and "ValueError" in answers.errors[1]
+    assert [a for i, a in enumerate(answers) if i != 1] == [a for i, a in enumerate(expected) if i != 1]
+    assert [e for i, e in enumerate(answers.errors) if i != 1] == [None] * (len(QUERIES) - 1)
+
+
 def test_inference_validates_arguments(llama, llama_pool):
     model, template = llama
     swift, _, _ = llama_pool
-    with pytest.raises(ValueError, match=r"shape \[num_queries, len\(adapter_names\)\] = \[5, 3\]"):
+    with pytest.raises(ValueError, match="the routing has 4 rows for 5 queries"):
         inference(swift, template, QUERIES, lora_mapping=MAPPING[:4], adapter_names=ADAPTERS, progress=False)
+    with pytest.raises(ValueError, match=r"shape \[batch, len\(adapter_names\)\] = \[batch, 2\]"):
+        inference(swift, template, QUERIES, lora_mapping=MAPPING, adapter_names=ADAPTERS[:2], progress=False)
+    routing = LoraRouting.from_dense(MAPPING, ADAPTERS)
+    with pytest.raises(ValueError, match="not both"):
+        inference(swift, template, QUERIES, routing=routing, lora_mapping=MAPPING, adapter_names=ADAPTERS)
+    with pytest.raises(ValueError, match="on_error must be"):
+        inference(swift, template, QUERIES, on_error="skip", progress=False)
     with pytest.raises(ValueError, match="needs adapter_names"):
         inference(swift, template, QUERIES, lora_mapping=MAPPING, progress=False)
     with pytest.raises(ValueError, match="holds no LoRA layers"):

@@ -19,7 +19,6 @@ from lora_retriever.tasks import (
     build_splits,
     get_task,
     is_correct,
-    normalize_answer,
     to_test_record,
     write_task_suite,
 )
@@ -251,8 +250,8 @@ def test_is_correct(task, prediction, reference, expected):
     assert is_correct(task, prediction, reference) is expected
 
 
-def test_normalize_answer_and_to_test_record(splits):
-    assert normalize_answer("continent", '  "North  America". ') == "north america"
+def test_task_normalization_and_to_test_record(splits):
+    assert get_task("continent").normalize('  "North  America". ') == "north america"
     record = splits["capital"].test[0]
     assert to_test_record(record) == to_test_record(record.to_dict()) == record.to_test_record()
     assert set(record.to_test_record()) == {"id", "task", "subject", "query", "response"}

@@ -11,9 +11,9 @@ Tasks (``TASK_NAMES``): ``arithmetic`` (generated), ``capital``, ``continent``, 
 data packages are the ``tasks`` extra and are imported only when a task's facts are built.
 """
 
-from lora_retriever.tasks.base import Task, normalize_text
+from lora_retriever.tasks.base import Task
 from lora_retriever.tasks.registry import TASK_NAMES, TASKS, get_task
-from lora_retriever.tasks.scoring import is_correct, normalize_answer
+from lora_retriever.tasks.scoring import is_correct
 from lora_retriever.tasks.splits import (
     DEFAULT_N_KEYS,
     DEFAULT_N_TEST,
@@ -38,8 +38,6 @@ __all__ = [
     "build_splits",
     "get_task",
     "is_correct",
-    "normalize_answer",
-    "normalize_text",
     "to_test_record",
     "write_task_suite",
 ]

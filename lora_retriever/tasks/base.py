@@ -10,47 +10,17 @@ from __future__ import annotations
 
 import importlib
 import random
-import re
-import unicodedata
 from abc import ABC, abstractmethod
 from collections import defaultdict
 from types import ModuleType
 from typing import ClassVar
 
+from lora_retriever.metrics import normalize_answer
 from swift.utils import get_logger
 
 logger = get_logger(__name__)
 
-__all__ = ["Task", "normalize_text", "require"]
-
-# Curly quotes and apostrophes (CLDR writes "Côte d’Ivoire") compare equal to their ASCII forms.
-_QUOTES = str.maketrans({"\u2018": "'", "\u2019": "'", "\u02bc": "'", "\u201c": '"', "\u201d": '"'})
-# A leading "Answer:" label is formatting, not content.
-_LABEL = re.compile(r"^(?:final\s+)?answer\s*[:\-]\s*", re.IGNORECASE)
-# Wrapping quotes / markdown emphasis, and a closing period or exclamation mark.
-_EDGES = re.compile(r"^[\s\"'`*_]+|[\s\"'`*_.!]+$")
-
-
-def normalize_text(text: str) -> str:
-    """The comparison form of a short answer (the rule behind exact match for every task).
-
-    1. Unicode NFKC; curly quotes and apostrophes become ASCII ones.
-    2. Only the first non-empty line counts (a model that answers and then explains still answered).
-    3. A leading ``Answer:`` / ``Final answer:`` label is dropped.
-    4. Wrapping quotes, backticks and markdown ``*``/``_`` are dropped, as is a trailing ``.`` or ``!``.
-    5. Case-folded, runs of whitespace collapsed to one space.
-
-    Everything else counts: accents (``Équateur`` != ``Equateur``), hyphens, word order, and any extra
-    words. In particular a full sentence such as ``"The answer is Paris"`` does **not** match ``"Paris"``:
-    answering in the task's short format is part of the task (the base model answers in sentences; the
-    adapters are what teach the format), so exact match keeps meaning "answered right, as asked".
-    """
-    text = unicodedata.normalize("NFKC", text).translate(_QUOTES)
-    lines = [line for line in text.splitlines() if line.strip()]
-    text = lines[0] if lines else ""
-    text = _LABEL.sub("", _EDGES.sub("", text))
-    text = _EDGES.sub("", text)
-    return " ".join(text.casefold().split())
+__all__ = ["Task", "require"]
 
 
 def require(module: str) -> ModuleType:
@@ -102,15 +72,15 @@ class Task(ABC):
 
     def subject_key(self, subject: str) -> str:
         """The identity of a fact for splitting: facts with the same key never land in two splits."""
-        return normalize_text(subject)
+        return normalize_answer(subject)
 
     def render(self, template: str, subject: str) -> str:
         """The query text for one subject in one wording."""
         return template.format(subject=subject)
 
     def normalize(self, text: str) -> str:
-        """The comparison form of an answer (see :func:`normalize_text`)."""
-        return normalize_text(text)
+        """The comparison form of an answer (the project's one rule, :func:`lora_retriever.metrics.normalize_answer`)."""
+        return normalize_answer(text)
 
     def load_items(self, rng: random.Random) -> list[tuple[str, str]]:
         """The usable facts, deduplicated and sorted by subject key (independent of the source's order).

@@ -5,7 +5,8 @@ from __future__ import annotations
 import random
 from collections import defaultdict
 
-from lora_retriever.tasks.base import Task, normalize_text, require
+from lora_retriever.metrics import normalize_answer
+from lora_retriever.tasks.base import Task, require
 
 __all__ = ["FrenchCountryTask", "LanguageIdTask"]
 
@@ -49,7 +50,7 @@ class FrenchCountryTask(Task):
         items = []
         for code in _place_codes(en):
             english, french = en.territories[code], fr.territories.get(code)
-            if french and normalize_text(english) != normalize_text(french):
+            if french and normalize_answer(english) != normalize_answer(french):
                 items.append((english, french))
         return items
 
@@ -82,12 +83,12 @@ class LanguageIdTask(Task):
 
     def build_items(self, rng: random.Random) -> list[tuple[str, str]]:
         en = _locale("en")
-        english_names = {normalize_text(n) for n in self._names(en)}
+        english_names = {normalize_answer(n) for n in self._names(en)}
         languages_of: dict[str, set[str]] = defaultdict(set)
         spelling: dict[str, str] = {}
         for code in self.languages:
             for word in self._names(_locale(code)):
-                key = normalize_text(word)
+                key = normalize_answer(word)
                 languages_of[key].add(code)
                 spelling.setdefault(key, word)
         return [

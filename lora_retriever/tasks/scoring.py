@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
+from lora_retriever.metrics import exact_match
 from lora_retriever.tasks.base import Task
 from lora_retriever.tasks.registry import get_task
 
-__all__ = ["is_correct", "normalize_answer"]
-
-
-def normalize_answer(task: str | Task, text: str) -> str:
-    """The comparison form of an answer to ``task`` (rule: :func:`lora_retriever.tasks.base.normalize_text`:
-    case, surrounding quotes/markdown, a trailing period, an ``Answer:`` label and later lines don't count;
-    accents, extra words and full sentences do)."""
-    return get_task(task).normalize(text)
+__all__ = ["is_correct"]
 
 
 def is_correct(task: str | Task, prediction: str, reference: str) -> bool:
-    """Exact match after :func:`normalize_answer`; an empty reference matches nothing."""
-    task = get_task(task)
-    expected = task.normalize(reference)
-    return bool(expected) and task.normalize(prediction) == expected
+    """``lora_retriever.metrics.exact_match`` with the task's normalisation (every task of the suite uses the
+    project's one rule, ``normalize_answer``); an empty reference matches nothing."""
+    return bool(exact_match(prediction, reference, normalize=get_task(task).normalize))
