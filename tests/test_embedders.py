@@ -335,13 +335,13 @@ def test_jina_needs_an_existing_jina_directory(tmp_path):
         EmbedderConfig(backend="jina-v4")
     missing = tmp_path / "jina-embeddings-v4"
     with pytest.raises(FileNotFoundError, match="does not exist") as err:
-        get_embedder("jina-v4", model_path=str(missing))
+        get_embedder("jina-v4", model_path=str(missing), trust_remote_code=True)
     assert str(missing) in str(err.value)
     not_jina = tmp_path / "other"
     not_jina.mkdir()
     (not_jina / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
     with pytest.raises(ValueError, match="not a jina-embeddings-v4 directory") as err:
-        get_embedder("jina-v4", model_path=str(not_jina))
+        get_embedder("jina-v4", model_path=str(not_jina), trust_remote_code=True)
     assert str(not_jina) in str(err.value)
 
 
@@ -352,7 +352,7 @@ def test_jina_directory_without_model_code_is_a_clear_error(tmp_path):
     with pytest.raises(
         RuntimeError, match=r"could not load jina-embeddings-v4 from .*trust_remote_code"
     ) as err:
-        get_embedder("jina-v4", model_path=str(jina_dir))
+        get_embedder("jina-v4", model_path=str(jina_dir), trust_remote_code=True)
     assert str(jina_dir) in str(err.value)
 
 
@@ -436,7 +436,7 @@ def test_jina_backend_against_a_stub_of_its_remote_code(tmp_path, monkeypatch):
         str(jina_dir / "model.safetensors"),
     )
 
-    embedder = get_embedder("auto", model_path=str(jina_dir))
+    embedder = get_embedder("auto", model_path=str(jina_dir), trust_remote_code=True)
     assert embedder.backend == "jina-v4" and embedder.supports_images
     assert embedder.model_id == "jina-embeddings-v4" and embedder.dim == 16
     assert embedder.instruction("query") == ""  # jina has its own query/passage prompts
@@ -457,7 +457,10 @@ def test_auto_detects_a_jina_directory(tmp_path):
     (jina_dir / "config.json").write_text(
         json.dumps({"architectures": ["JinaEmbeddingsV4Model"], "model_type": "qwen2_5_vl"})
     )
-    assert resolve_backend(EmbedderConfig(backend="auto", model_path=str(jina_dir))).backend == "jina-v4"
+    config = EmbedderConfig(backend="auto", model_path=str(jina_dir), trust_remote_code=True)
+    assert resolve_backend(config).backend == "jina-v4"
+    with pytest.raises(PermissionError, match="--trust_remote_code"):  # jina's model class is remote code
+        resolve_backend(EmbedderConfig(backend="auto", model_path=str(jina_dir)))
 
 
 def test_auto_falls_back_to_minilm_with_a_warning(tmp_path, embedder_logs):

@@ -17,6 +17,7 @@ __all__ = [
     "BACKENDS",
     "DTYPES",
     "EmbedderConfig",
+    "check_remote_code_allowed",
     "validate_adapter_path",
     "validate_fusion_weights",
 ]
@@ -49,6 +50,20 @@ def validate_adapter_path(adapter_path: str | os.PathLike[str]) -> Path:
             "directory; pass the directory written by PEFT's save_pretrained"
         )
     return path
+
+
+def check_remote_code_allowed(config: EmbedderConfig) -> None:
+    """jina-embeddings-v4's model class is code inside its directory: load it only when the user said so.
+
+    Raises:
+        PermissionError: ``config.trust_remote_code`` is False (names the flag to pass).
+    """
+    if not config.trust_remote_code:
+        raise PermissionError(
+            f"embedder {config.backend!r} at {config.model_path!r} is jina-embeddings-v4, whose model class is "
+            "code inside that directory; running it executes that code. Pass --trust_remote_code "
+            "(trust_remote_code=True) if you trust it, or use the sentence-transformers or clip backend."
+        )
 
 
 def validate_fusion_weights(text_weight: float, image_weight: float) -> tuple[float, float]:
@@ -102,10 +117,20 @@ class EmbedderConfig:
             query/passage prompts, and CLIP, which was not trained with instructions); ``""`` = no prefix.
         document_instruction: prefix for document texts; ``None`` = the same as the query prefix (adapter
             key samples and queries get the same prefix, as the LoraRetriever paper does).
+        trust_remote_code: allow a model's own code (shipped in its directory) to run; required by
+            ``jina-v4``, whose model class is remote code — as ``swift.llm`` requires it for such checkpoints.
     """
 
-    backend: str = field(default="sentence-transformers", metadata={"help": f"one of {BACKENDS}"})
-    model_path: str | None = field(default=None, metadata={"help": "local model dir; None = packaged MiniLM"})
+    backend: str = field(
+        default="sentence-transformers",
+        metadata={
+            "help": "retrieval embedder backend (jina-v4 needs --trust_remote_code)",
+            "choices": BACKENDS,
+        },
+    )
+    model_path: str | None = field(
+        default=None, metadata={"help": "local embedder directory (default: the packaged all-MiniLM-L6-v2)"}
+    )
     model_id: str | None = field(default=None, metadata={"help": "id stored with keys; None = from the path"})
     adapter_path: str | None = field(default=None, metadata={"help": "PEFT LoRA dir for the embedder"})
     device: str = field(default="cpu", metadata={"help": "torch device"})
@@ -115,6 +140,10 @@ class EmbedderConfig:
     image_weight: float = field(default=0.5, metadata={"help": "fusion weight of the image vector"})
     query_instruction: str | None = field(default=None, metadata={"help": "query prefix; None = backend's"})
     document_instruction: str | None = field(default=None, metadata={"help": "None = query_instruction"})
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "allow the embedder's own model code (in its directory) to run; jina-v4 needs it"},
+    )
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -155,6 +184,8 @@ class EmbedderConfig:
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise ValueError(f"EmbedderConfig.{name} must be a string or None, got {value!r}")
+        if self.backend == "jina-v4":
+            check_remote_code_allowed(self)
 
     def to_dict(self) -> dict[str, Any]:
         """All fields as a JSON-serialisable dict."""

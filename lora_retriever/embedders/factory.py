@@ -45,7 +45,7 @@ def resolve_backend(config: EmbedderConfig) -> EmbedderConfig:
                 f"({path}); drop it or pick a sentence-transformers/clip model"
             )
         logger.info("embedder backend auto: %s is jina-embeddings-v4", path)
-        return dataclasses.replace(config, backend="jina-v4")
+        return dataclasses.replace(config, backend="jina-v4")  # validation asks for trust_remote_code
     if path is not None and path.is_dir() and _model_type(path) == "clip":
         logger.info("embedder backend auto: %s is a CLIP model", path)
         return dataclasses.replace(config, backend="clip")
