@@ -41,6 +41,7 @@ from bench_utils import (  # noqa: E402
     Target,
     TimingConfig,
     machine_info,
+    machine_line,
     render_table,
     setup_logging,
     write_csv,
@@ -230,8 +231,7 @@ def kernel_summary(rows: list[dict[str, Any]], tolerance: float = 1.05) -> list[
 def header(machine: dict[str, Any], config: dict[str, Any]) -> str:
     return "\n".join(
         [
-            f"Machine: {machine['cpu']} ({', '.join(machine['cpu_flags'])}), {machine['logical_cores']} logical cores "
-            f"({machine['cores_available']} available), load avg {machine['load_average_at_start']}",
+            machine_line(machine),
             f"Software: python {machine['python']}, torch {machine['torch']}, transformers {machine['transformers']}, "
             f"peft {machine['peft']}; repo commit {machine['git_commit']}"
             + (" (swift/ has uncommitted changes)" if machine["swift_dirty"] else ""),

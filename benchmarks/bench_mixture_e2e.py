@@ -33,9 +33,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bench_mixture_layer import kernel_mode, make_routing
+from bench_mixture_layer import make_routing
 from torch import nn
 from tqdm import tqdm
+
+from swift.tuners.lora_layers import mixture_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +172,7 @@ class Runner:
 
     forward: Callable[[torch.Tensor], Any]
     generate: Callable[..., Any]
-    record_kernels: bool = False
+    kernels: Callable[[torch.Tensor], dict[str, str]] | None = None  # a prefill -> kernel each layer ran
     prefill: bool = True  # measure the prefill latency
     decode: bool = True  # measure decode tokens/s
 
@@ -197,12 +199,10 @@ def measure_runners(
         ids, prompt = prefill_ids[:batch], prompt_ids[:batch]
         out_rows = {name: {**labels[name], "batch": batch} for name in runners}
         for name, runner in runners.items():
-            if runner.record_kernels:
-                chosen: list[str] = []
-                with kernel_mode("auto", chosen):
-                    runner.forward(ids)
+            if runner.kernels is not None:
+                chosen = runner.kernels(ids)
                 out_rows[name]["prefill_kernels"] = " ".join(
-                    f"{k}:{v}" for k, v in sorted(Counter(chosen).items())
+                    f"{k}:{v}" for k, v in sorted(Counter(chosen.values()).items())
                 )
         prefill: dict[str, list[float]] = {name: [] for name in runners}
         decode: dict[str, list[float]] = {name: [] for name in runners}
@@ -283,7 +283,12 @@ def ours_runner(model: nn.Module, routing: tuple[torch.Tensor, torch.Tensor], na
         with model.mixture(sub(ids.shape[0]), names):
             return model.generate(input_ids=ids, **kwargs)
 
-    return Runner(forward, generate, record_kernels=True)
+    def kernels(ids: torch.Tensor) -> dict[str, str]:
+        with model.mixture(sub(ids.shape[0]), names):
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+            return mixture_kernels()
+
+    return Runner(forward, generate, kernels=kernels)
 
 
 def peft_runner(model: nn.Module, adapter_names: list[str]) -> Runner:

@@ -17,9 +17,9 @@ Every cell (layer shape, pool size N, adapters per sample k, batch, tokens T) ti
   - ``cold``: the first call in a fresh context, plan built by this call (what the very first layer pays).
 
   The headline ``ours`` is ``steady`` for T=1 (decode) and ``first`` for T>1 (a prefill runs once per
-  context). ``union`` / ``gather`` are the same headline measurement with the kernel forced by patching the
-  module constants ``GATHER_MIN_TOKENS`` / ``GATHER_MIN_UNION_RATIO``; ``auto`` names the kernel the
-  automatic choice picked.
+  context). ``union`` / ``gather`` are the same headline measurement with the kernel forced through
+  ``lora_mixture_context(..., kernel=...)``; ``auto`` names the kernel the automatic choice picked (read back
+  with ``mixture_kernels()``).
 """
 
 from __future__ import annotations
@@ -29,18 +29,16 @@ import contextvars
 import logging
 import time
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
-from unittest import mock
 
 import torch
 from bench_utils import Sampler, TimingConfig, block, each, measure_interleaved
 from torch import nn
 from tqdm import tqdm
 
-from swift.tuners import lora_layers
-from swift.tuners.lora_layers import LoraLinear, current_routing, lora_mixture_context
+from swift.tuners.lora_layers import LoraLinear, current_routing, lora_mixture_context, mixture_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -55,37 +53,12 @@ SMOLLM2_SHAPES: dict[str, tuple[int, int]] = {
     "down_proj": (1536, 576),
 }
 
-# Module constants that force one kernel of LoraLinear's mixture path (see lora_layers._choose_kernel).
-KERNEL_CONSTANTS: dict[str, dict[str, float]] = {
-    "auto": {},
-    "union": {"GATHER_MIN_TOKENS": 1 << 30},
-    "gather": {"GATHER_MIN_TOKENS": 0, "GATHER_MIN_UNION_RATIO": 0.0},
-}
-
 LAYER_COLUMNS = [
     "layer", "N", "k", "batch", "T", "R_U", "L",
     "base_us", "merged_us", "peft_us", "naive_us", "ours_us",
     "ours_first_us", "ours_cold_us", "ours_steady_us", "union_us", "gather_us",
     "auto_kernel", "auto_vs_best", "ours_over_base", "naive_over_ours", "peft_over_ours",
 ]  # fmt: skip
-
-
-@contextlib.contextmanager
-def kernel_mode(mode: str, record: list[str] | None = None) -> Iterator[None]:
-    """Force ``mode`` ("auto", "union", "gather") in this process; append every kernel chosen to ``record``."""
-    with contextlib.ExitStack() as stack:
-        for name, value in KERNEL_CONSTANTS[mode].items():
-            stack.enter_context(mock.patch.object(lora_layers, name, value))
-        if record is not None:
-            choose = lora_layers._choose_kernel
-
-            def recording(*args: Any, **kwargs: Any) -> str:
-                kernel = choose(*args, **kwargs)
-                record.append(kernel)
-                return kernel
-
-            stack.enter_context(mock.patch.object(lora_layers, "_choose_kernel", recording))
-        yield
 
 
 @dataclass
@@ -182,7 +155,7 @@ def _first_call(
     """Time only ``layer(x)`` as the layer's first call in a fresh context (after ``sibling`` built the plan)."""
 
     def call() -> float:
-        with kernel_mode(mode), lora_mixture_context(routing, names):
+        with lora_mixture_context(routing, names, kernel=mode):
             if sibling is not None:
                 sibling(x)
             start = timing.now()
@@ -208,25 +181,24 @@ def _steady(
     the routing is still in force, and the first call that the kernel ``mode`` asked for was used.
     """
     ctx = contextvars.copy_context()
-    manager = lora_mixture_context(routing, names)  # keep a reference: dropping it would exit the context
-    chosen: list[str] = []
+    # Keep a reference: dropping it would exit the context.
+    manager = lora_mixture_context(routing, names, kernel=mode)
 
-    def enter() -> None:
+    def enter() -> str | None:
         manager.__enter__()
         layer(x)  # the first call fills the per-context cache, as the prefill does in generate
+        return mixture_kernels().get(layer.module_name)
 
-    with kernel_mode(mode, chosen):
-        ctx.run(enter)
+    chosen = ctx.run(enter)
     stack.callback(ctx.run, manager.__exit__, None, None, None)
-    if not chosen or (mode != "auto" and chosen[0] != mode):
+    if chosen is None or (mode != "auto" and chosen != mode):
         raise RuntimeError(f"steady {mode}: the mixture path did not run the requested kernel (got {chosen})")
     inner = block(lambda: layer(x), timing)
 
     def sample(number: int) -> float:
         if ctx.run(current_routing) is None:
             raise RuntimeError("steady-state sample ran outside its mixture context")
-        with kernel_mode(mode):
-            return ctx.run(inner, number)
+        return ctx.run(inner, number)
 
     return sample
 
@@ -294,9 +266,9 @@ def measure_cell(
     peft = layers.get("peft") if k == 1 else None
     peft_names = [names[i] for i in indices[:, 0].tolist()]
 
-    chosen: list[str] = []
-    with kernel_mode("auto", chosen), lora_mixture_context(routing, names):
+    with lora_mixture_context(routing, names):
         y_ours = ours(x)
+        auto = mixture_kernels()[ours.module_name]
     y_naive = naive(x, dense)
     torch.testing.assert_close(y_ours, y_naive, rtol=1e-4, atol=1e-4, msg=lambda m: f"ours != naive: {m}")
     if peft is not None:
@@ -316,7 +288,6 @@ def measure_cell(
     row.setdefault("peft_us", None)
     row.setdefault("naive_us", naive_us)
     row["ours_us"] = us["ours_steady"] if decode else us["ours_first"]
-    auto = chosen[0]
     other = "gather" if auto == "union" else "union"
     row["auto_kernel"] = auto
     row["auto_vs_best"] = us[auto] / min(us[auto], us[other])

@@ -48,7 +48,7 @@ from bench_retrieval_search import (  # noqa: E402
     min_recall,
     run_search,
 )
-from bench_utils import Target, machine_info, render_table, setup_logging, write_json  # noqa: E402
+from bench_utils import Target, machine_info, machine_line, render_table, setup_logging, write_json  # noqa: E402
 from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
 
 logger = logging.getLogger("bench_retrieval")
@@ -240,8 +240,7 @@ def header(machine: dict[str, Any], config: dict[str, Any]) -> str:
     sc, fc = config["search"], config["fusion"]
     return "\n".join(
         [
-            f"Machine: {machine['cpu']} ({', '.join(machine['cpu_flags'])}), {machine['logical_cores']} logical "
-            f"cores ({machine['cores_available']} available), load avg at start {machine['load_average_at_start']}",
+            machine_line(machine),
             f"Software: python {machine['python']}, numpy {machine['numpy']}, faiss-cpu {machine['faiss']} "
             f"({machine['faiss_simd']}), torch {machine['torch']}, threadpoolctl BLAS: {machine['blas']}",
             f"Settings: {config['mode']} run; searches and fusion on {config['threads']} thread(s) "

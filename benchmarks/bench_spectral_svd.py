@@ -38,6 +38,7 @@ from bench_utils import (  # noqa: E402
     TimingConfig,
     block,
     machine_info,
+    machine_line,
     measure_interleaved,
     render_table,
     write_json,
@@ -103,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     timing = TimingConfig(repeats=args.repeats, warmup=1, min_time=0.01, clock="cpu")
     info = machine_info()
+    print(machine_line(info), flush=True)
     start = time.perf_counter()
     rows = []
     cells = [(d, r) for d in args.dims for r in args.ranks]
@@ -127,8 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "# Spectral edit: factorised vs dense SVD of B·A",
         "",
-        f"Machine: {info['cpu']} ({', '.join(info['cpu_flags'])}), {info['logical_cores']} logical cores, "
-        f"load avg {info['load_average_at_start']}  ",
+        f"{machine_line(info)}  ",
         f"Software: python {info['python']}, torch {info['torch']}  ",
         f"Settings: {args.threads} thread(s), CPU clock, median of {args.repeats} interleaved repeats after warm-up, "
         f"seed {args.seed}, B·A square d×d. factorised = `lowrank_svd_from_ba` (QR + r×r core SVD, float64); "

@@ -1,4 +1,4 @@
-"""Shared helpers for the benchmarks: machine description, timing, targets and result tables.
+"""Shared helpers for the benchmarks: machine description (via ``swift.utils.cpu_info``), timing, targets, tables.
 
 Timing follows the project's notes on this machine: one thread, warm-up, median of repeats, every baseline
 measured in the same process, interleaved round-robin, and reported as ratios.
@@ -21,12 +21,15 @@ from typing import Any
 
 import torch
 
+from swift.utils import cpu_info, cpu_summary
+
 __all__ = [
     "Target",
     "TimingConfig",
     "block",
     "each",
     "machine_info",
+    "machine_line",
     "measure_interleaved",
     "render_table",
     "setup_logging",
@@ -50,38 +53,35 @@ def setup_logging(verbose: bool, quiet: bool) -> None:
 
 
 def machine_info() -> dict[str, Any]:
-    """CPU model (from /proc/cpuinfo), core counts, torch / transformers / peft versions."""
-    cpu = platform.processor() or "unknown"
-    flags: list[str] = []
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and cpu in ("unknown", "", platform.machine()):
-                cpu = value.strip()
-            if key.strip() == "flags" and not flags:
-                flags = [
-                    f for f in value.split() if f in ("avx2", "avx512f", "fma", "avx512_bf16", "amx_bf16")
-                ]
-    versions = {"torch": torch.__version__}
+    """The machine and software a run measured on, stored with its results.
+
+    The CPU facts come from the project's one source, ``swift.utils.cpu_info`` (call this after setting
+    torch's thread count: the summary names it); this adds the load at start, python / transformers / peft
+    versions and the repository commit.
+    """
+    cpu = cpu_info()
+    versions = {}
     for name in ("transformers", "peft"):
         try:
             versions[name] = __import__(name).__version__
         except ImportError:
             versions[name] = "not installed"
-    versions.update(_git_state())
-    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
+        "cpu_summary": cpu_summary(cpu),
         "cpu": cpu,
-        "cpu_flags": flags,
-        "logical_cores": os.cpu_count(),
-        "cores_available": affinity,
         "load_average_at_start": [round(v, 2) for v in os.getloadavg()]
         if hasattr(os, "getloadavg")
         else None,
         "python": platform.python_version(),
+        "torch": torch.__version__,
         **versions,
+        **_git_state(),
     }
+
+
+def machine_line(machine: dict[str, Any]) -> str:
+    """``Machine: <cpu_summary>; load avg at start ...``: the first line of every benchmark's report."""
+    return f"Machine: {machine['cpu_summary']}; load avg at start {machine['load_average_at_start']}"
 
 
 def _git_state() -> dict[str, Any]:
