@@ -13,6 +13,7 @@ from swift.llm import get_model_tokenizer
 from swift.llm.model import smollm2_hf_dir
 from swift.tuners import Swift, lora_mixture_context
 from tests.factories import make_lora_dir
+from tests.tolerances import assert_close
 
 
 @pytest.fixture(scope="module")
@@ -71,5 +72,9 @@ def test_real_model_mixture_equals_peft_cat(smollm2, tmp_path):
         n = alone.input_ids.shape[1]
         with torch.no_grad():
             expected = reference(**alone).logits
+            base_logits = model(**alone).logits
         got = mixed[i, batch.attention_mask[i].bool()][-n:]
-        assert (got - expected[0]).abs().max().item() <= 1e-4
+        # A row of a padded batch of 2 vs the prompt alone: different GEMM shapes, 30 layers, logits ~20, so the
+        # bound scales with the logits' magnitude (tests/tolerances.py; 1.5e-4 seen on an Intel Xeon).
+        bound = assert_close(got, expected[0], same_shapes=False, what=f"prompt {i}")
+        assert (expected[0] - base_logits[0]).abs().max().item() > 100 * bound  # the adapters matter
