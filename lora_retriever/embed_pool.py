@@ -2,8 +2,10 @@
 
 For every pool entry, read its training samples (``samples_path``), embed N of them (chosen with a fixed
 seed) with the embedder's instruction prefix, and write the mean vector as ``<name>.npy`` next to a
-``<name>.meta.json`` (model id, dim, instruction, sample ids, date). Entries without an ``embedding_path``
-get ``<config folder>/keys/<name>.npy`` and the config is updated (atomically).
+``<name>.meta.json`` (model id, dim, instruction, sample ids, date), each atomically. Entries without an
+``embedding_path`` get ``<config folder>/keys/<name>.npy``, recorded in the config through the one pool writer
+(``lora_retriever.pool_config.pool_transaction``), which re-reads the config under its lock: adapters
+registered while the keys were being built are kept.
 """
 
 from __future__ import annotations
@@ -11,22 +13,27 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import random
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lora_retriever.pool import AdapterEntry, AdapterPool, key_meta_path
+from lora_retriever.pool import AdapterPool, key_meta_path
+from lora_retriever.pool_config import (
+    config_relative_path,
+    default_key_path,
+    pool_transaction,
+    resolve_config_path,
+)
 from swift.utils import get_logger
+from swift.utils.files import atomic_write
 
 logger = get_logger(__name__)
 
-__all__ = ["build_key", "embed_pool", "read_sample_texts"]
+__all__ = ["build_key", "embed_key", "embed_pool", "read_sample_texts", "write_key"]
 
 
 def read_sample_texts(path: str | Path) -> list[tuple[str, str]]:
@@ -99,23 +106,39 @@ def build_key(
     return key.astype(np.float32), [i for i, _ in chosen]
 
 
-def write_key(entry: AdapterEntry, key: np.ndarray, meta: dict[str, Any]) -> None:
-    """Write ``<name>.npy`` and ``<name>.meta.json`` (each via a temp file + rename)."""
-    path = Path(entry.embedding_path)
+def write_key(path: str | Path, key: np.ndarray, meta: dict[str, Any]) -> None:
+    """Write the key ``path`` (``.npy``) and its ``.meta.json``, each atomically with normal permissions."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda f: np.save(f, key))
-    _atomic_write(key_meta_path(path), lambda f: f.write(json.dumps(meta, indent=2).encode()))
+    atomic_write(path, lambda f: np.save(f, key))
+    atomic_write(key_meta_path(path), json.dumps(meta, indent=2) + "\n")
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def embed_key(
+    key_path: str | Path,
+    embedder: Any,
+    samples: Sequence[tuple[str, str]],
+    *,
+    num_samples: int = 20,
+    seed: int = 0,
+    samples_path: str | Path | None = None,
+) -> list[str]:
+    """Build one adapter's key from ``samples`` (``build_key``) and write it with its metadata (``write_key``).
+
+    Returns:
+        The ids of the samples averaged into the key.
+    """
+    key, ids = build_key(embedder, samples, num_samples, seed)
+    meta = {
+        **embedder.meta("query").to_dict(),
+        "sample_ids": ids,
+        "num_samples": len(ids),
+        "seed": seed,
+        "samples_path": None if samples_path is None else str(samples_path),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    write_key(key_path, key, meta)
+    return ids
 
 
 def embed_pool(
@@ -126,51 +149,78 @@ def embed_pool(
     seed: int = 0,
     names: Sequence[str] | None = None,
     progress: bool = True,
+    lock_timeout: float = 120.0,
 ) -> AdapterPool:
     """Build keys for the entries of one pool config (all, or ``names``); returns the updated pool.
 
+    Every input is checked before the first key is embedded (names known, samples present and readable).
+    Key paths chosen for entries that had none are written into the config under its lock, after a fresh read:
+    entries added or changed meanwhile (e.g. by a training's ``--register_pool``) are kept.
+
     Raises:
-        PoolValidationError / ValueError: bad config, an entry without ``samples_path``, unreadable samples.
+        PoolValidationError / ValueError: bad config, unknown ``names``, an entry without ``samples_path``,
+            unreadable samples (every such entry named at once).
     """
     from tqdm.auto import tqdm
 
-    config_path = Path(config_path).resolve()
+    config_path = resolve_config_path(config_path)
     pool = AdapterPool.from_configs(config_path, require_keys=False)
+    unknown = sorted(set(names or ()) - set(pool.names))
+    if unknown:
+        raise ValueError(f"--only names {unknown} are not in {config_path}; its adapters: {pool.names}")
     todo = [e for e in pool if names is None or e.lora_name in names]
-    missing = [e.lora_name for e in todo if e.samples_path is None]
-    if missing:
+    problems, samples = [], {}
+    for entry in todo:
+        if entry.samples_path is None:
+            problems.append(f"{entry.lora_name!r} has no samples_path (keys are built from its own samples)")
+            continue
+        try:
+            samples[entry.lora_name] = read_sample_texts(entry.samples_path)
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            problems.append(f"{entry.lora_name!r}: {err}")
+    if problems:
         raise ValueError(
-            f"entries {missing} have no samples_path: keys are built from the adapter's own samples"
+            f"cannot build the keys of {config_path}:\n" + "\n".join(f"  - {p}" for p in problems)
         )
-    meta_base = embedder.meta("query").to_dict()
-    changed = False
+    new_paths: dict[str, Path] = {}
     for entry in tqdm(todo, desc="adapter keys", disable=not progress):
-        key, ids = build_key(embedder, read_sample_texts(entry.samples_path), num_samples, seed)
-        if entry.embedding_path is None:
-            entry.embedding_path = config_path.parent / "keys" / f"{entry.lora_name}.npy"
-            changed = True
-        write_key(
-            entry,
-            key,
-            {
-                **meta_base,
-                "sample_ids": ids,
-                "num_samples": len(ids),
-                "seed": seed,
-                "samples_path": str(entry.samples_path),
-                "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            },
+        key_path = entry.embedding_path or default_key_path(config_path, entry.lora_name)
+        embed_key(
+            key_path,
+            embedder,
+            samples[entry.lora_name],
+            num_samples=num_samples,
+            seed=seed,
+            samples_path=entry.samples_path,
         )
-    if changed:
-        _atomic_write(config_path, lambda f: f.write(_config_json(pool, config_path).encode()))
+        if entry.embedding_path is None:
+            new_paths[entry.lora_name] = key_path
+    if new_paths:
+        _record_key_paths(config_path, new_paths, lock_timeout)
     return AdapterPool.from_configs(config_path)
 
 
-def _config_json(pool: AdapterPool, config_path: Path) -> str:
-    return (
-        json.dumps([e.to_dict(relative_to=config_path.parent) for e in pool], indent=2, ensure_ascii=False)
-        + "\n"
-    )
+def _record_key_paths(config_path: Path, key_paths: dict[str, Path], lock_timeout: float) -> None:
+    """Set ``embedding_path`` of the named entries that still have none, in the config as it is now."""
+    pending = dict(key_paths)
+    with pool_transaction(config_path, lock_timeout=lock_timeout) as entries:
+        for entry in entries:
+            key_path = pending.pop(entry.get("lora_name"), None)
+            if key_path is None:
+                continue
+            if entry.get("embedding_path"):
+                logger.warning(
+                    "%r got embedding_path %s while its key was being built; keeping it (the new key is at %s)",
+                    entry["lora_name"],
+                    entry["embedding_path"],
+                    key_path,
+                )
+            else:
+                entry["embedding_path"] = config_relative_path(key_path, config_path.parent)
+    for name, key_path in pending.items():
+        logger.warning(
+            "%r left %s while its key was being built; its key %s is unused", name, config_path, key_path
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,8 +5,12 @@ A pool config is a JSON list of entries::
     {"lora_name": "capitals", "lora_path": "adapters/capitals", "embedding_path": "keys/capitals.npy",
      "description": "country -> capital", "category": "geography", "samples_path": "data/capitals.jsonl"}
 
-Relative paths resolve against the config file's folder; unknown fields are kept. ``AdapterPool`` validates
-every entry up front and reports all problems at once.
+Relative paths resolve against the config file's folder; unknown fields are kept.
+``AdapterPool.from_configs`` validates every entry up front (adapter folder with config and weights, key files
+readable and of one dimension and embedder, optionally the base model) and reports all problems at once;
+``AdapterPool.validate`` runs the same checks on a pool in memory. Every write to a config goes through
+``lora_retriever.pool_config.pool_transaction`` (locked, atomic; ``AdapterPool.save`` uses it too), and
+``lora_retriever.pool_config.check_pool_writable`` checks up front that a config can be written.
 """
 
 from __future__ import annotations
@@ -21,14 +25,20 @@ from typing import Any
 import numpy as np
 
 from lora_retriever.embedders.meta import EmbeddingMeta, check_compatible
+from lora_retriever.pool_config import (
+    PATH_FIELDS,
+    config_relative_path,
+    load_json_list,
+    pool_transaction,
+    resolve_config_path,
+)
 from swift.utils import get_logger
 
 logger = get_logger(__name__)
 
-__all__ = ["AdapterEntry", "AdapterPool", "PoolValidationError", "key_meta_path"]
+__all__ = ["AdapterEntry", "AdapterPool", "PoolValidationError", "key_meta_path", "load_key", "load_key_meta"]
 
 REQUIRED_FIELDS = ("lora_name", "lora_path")
-PATH_FIELDS = ("lora_path", "embedding_path", "samples_path")
 KNOWN_FIELDS = (
     "lora_name",
     "lora_path",
@@ -95,7 +105,7 @@ class AdapterEntry:
         def show(path: Path | None) -> str | None:
             if path is None:
                 return None
-            return os.path.relpath(path, relative_to) if relative_to is not None else str(path)
+            return config_relative_path(path, relative_to) if relative_to is not None else str(path)
 
         data: dict[str, Any] = {"lora_name": self.lora_name, "lora_path": show(self.lora_path)}
         if self.embedding_path is not None:
@@ -144,18 +154,21 @@ class AdapterPool:
         *,
         require_keys: bool = True,
         defaults: Sequence[dict[str, Any]] | None = None,
+        base_model: str | None = None,
+        strict_base_model: bool = False,
     ) -> AdapterPool:
-        """Load one or more pool config files, then validate everything at once.
+        """Load one or more pool config files, then validate everything at once (see ``validate``).
 
         Args:
             config_paths: one path or a list of paths to JSON pool configs.
             require_keys: also require each entry's ``embedding_path`` key file (False while building keys).
             defaults: per config file, fields to set on its entries when they lack them (e.g.
                 ``{"lora_type": "app"}`` for ``--app_config``).
+            base_model / strict_base_model: the model the adapters will be loaded into (see ``validate``).
 
         Raises:
             PoolValidationError: listing every problem found (unreadable config, missing fields, missing
-                adapter dirs / key files, duplicate names, key dimensions that differ, ...).
+                adapter dirs / weights / key files, duplicate names, key dimensions that differ, ...).
         """
         paths = [config_paths] if isinstance(config_paths, str | Path) else list(config_paths)
         if not paths:
@@ -167,16 +180,56 @@ class AdapterPool:
             extra_defaults = (defaults[i] if defaults and i < len(defaults) else None) or {}
             entries.extend(_read_config(path, problems, extra_defaults))
         pool = cls(entries)
-        problems.extend(pool.problems(require_keys=require_keys))
-        if problems:
-            raise PoolValidationError(problems)
+        found, warnings = pool._audit(require_keys, base_model, strict_base_model)
+        if problems or found:
+            raise PoolValidationError(problems + found)
+        for warning in warnings:
+            logger.warning(warning)
         return pool
 
+    def validate(
+        self, *, require_keys: bool = True, base_model: str | None = None, strict_base_model: bool = False
+    ) -> list[str]:
+        """Check every entry before any model is loaded; report every problem at once.
+
+        Checked: unique names; the adapter folder exists, is a folder, and holds ``adapter_config.json``
+        (valid JSON) and a weights file (``adapter_model.safetensors`` or legacy ``adapter_model.bin``); key
+        files load as one finite vector, agree with their ``.meta.json`` (valid JSON, same ``dim``), share
+        one dimension and one embedder; and, given ``base_model``, that each adapter was trained on it (the
+        entry's ``base_model`` field, else its ``base_model_name_or_path``; names compared as
+        ``Swift.from_pretrained`` compares them).
+
+        Args:
+            require_keys: every entry needs its key file (False while keys are being built).
+            base_model: name or path of the model the adapters will be loaded into; None skips that check.
+            strict_base_model: a base-model mismatch is a problem; by default it is a warning, as when
+                ``Swift.from_pretrained`` loads such an adapter.
+
+        Returns:
+            The warnings (also logged): base-model mismatches when not strict.
+
+        Raises:
+            PoolValidationError: listing every problem.
+        """
+        problems, warnings = self._audit(require_keys, base_model, strict_base_model)
+        if problems:
+            raise PoolValidationError(problems)
+        for warning in warnings:
+            logger.warning(warning)
+        return warnings
+
     def problems(self, *, require_keys: bool = True) -> list[str]:
-        """Every problem with the entries (empty when the pool is usable)."""
-        problems = []
+        """Every problem with the entries (empty when the pool is usable); see ``validate``."""
+        return self._audit(require_keys, None, False)[0]
+
+    def _audit(
+        self, require_keys: bool, base_model: str | None, strict_base_model: bool
+    ) -> tuple[list[str], list[str]]:
+        problems: list[str] = []
+        warnings: list[str] = []
         seen: dict[str, AdapterEntry] = {}
         dims: dict[int, list[str]] = {}
+        metas: dict[str, EmbeddingMeta] = {}
         for entry in self.entries:
             where = f"{entry.lora_name!r}" + (f" ({entry.source})" if entry.source else "")
             if entry.lora_name in seen:
@@ -184,10 +237,11 @@ class AdapterPool:
                     f"duplicate lora_name {where}: also defined in {seen[entry.lora_name].source}"
                 )
             seen[entry.lora_name] = entry
-            if not entry.lora_path.is_dir():
-                problems.append(f"{where}: adapter directory {entry.lora_path} does not exist")
-            elif not (entry.lora_path / "adapter_config.json").is_file():
-                problems.append(f"{where}: {entry.lora_path} has no adapter_config.json")
+            adapter_problems, trained_on = _check_adapter_dir(entry.lora_path)
+            problems.extend(f"{where}: {problem}" for problem in adapter_problems)
+            mismatch = _base_model_mismatch(entry.base_model or trained_on, base_model)
+            if mismatch:
+                (problems if strict_base_model else warnings).append(f"{where}: {mismatch}")
             if entry.embedding_path is None:
                 if require_keys:
                     problems.append(
@@ -200,16 +254,26 @@ class AdapterPool:
                 continue
             try:
                 key = load_key(entry.embedding_path)
+                meta = load_key_meta(entry.embedding_path, key.shape[0])
             except ValueError as err:
                 problems.append(f"{where}: {err}")
                 continue
             dims.setdefault(key.shape[0], []).append(entry.lora_name)
+            if meta is not None:
+                metas[entry.lora_name] = meta
         if len(dims) > 1:
             summary = "; ".join(f"dim {d}: {names}" for d, names in sorted(dims.items()))
             problems.append(
                 f"key dimensions differ within the pool ({summary}); rebuild keys with one embedder"
             )
-        return problems
+        elif len(metas) > 1:
+            (first_name, first), *rest = metas.items()
+            for name, meta in rest:
+                try:
+                    check_compatible(first, meta, f"keys of {first_name!r} vs {name!r}")
+                except ValueError as err:
+                    problems.append(str(err))
+        return problems, warnings
 
     # -- access -------------------------------------------------------------------------------------------
 
@@ -273,9 +337,9 @@ class AdapterPool:
         if self._key_meta is None:
             metas = {}
             for e in self.entries:
-                meta_path = key_meta_path(e.embedding_path) if e.embedding_path else None
-                if meta_path is not None and meta_path.is_file():
-                    metas[e.lora_name] = EmbeddingMeta.from_dict(json.loads(meta_path.read_text()))
+                meta = load_key_meta(e.embedding_path) if e.embedding_path else None
+                if meta is not None:
+                    metas[e.lora_name] = meta
             if not metas:
                 logger.warning("pool keys have no .meta.json: the embedder that made them can't be checked")
                 return None
@@ -285,12 +349,12 @@ class AdapterPool:
             self._key_meta = first
         return self._key_meta
 
-    def save(self, config_path: str | Path) -> None:
-        """Write the pool as a config file (paths relative to its folder)."""
-        path = Path(config_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        data = [e.to_dict(relative_to=path.parent.resolve()) for e in self.entries]
-        path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    def save(self, config_path: str | Path, *, lock_timeout: float = 120.0) -> None:
+        """Replace the config's entries with this pool's (paths relative to its folder), through
+        ``pool_transaction``: locked and atomic."""
+        with pool_transaction(config_path, lock_timeout=lock_timeout) as entries:
+            folder = resolve_config_path(config_path).parent
+            entries[:] = [e.to_dict(relative_to=folder) for e in self.entries]
 
 
 def load_key(path: Path) -> np.ndarray:
@@ -312,19 +376,80 @@ def load_key(path: Path) -> np.ndarray:
     return key.astype(np.float32)
 
 
+def load_key_meta(key_path: Path, dim: int | None = None) -> EmbeddingMeta | None:
+    """The ``.meta.json`` beside a key file (``None`` for legacy keys without one).
+
+    Raises:
+        ValueError: the metadata isn't valid JSON, lacks ``model_id`` / ``dim``, or names another ``dim``.
+    """
+    meta_path = key_meta_path(key_path)
+    if not meta_path.is_file():
+        return None
+    fix = "rebuild the keys with python -m lora_retriever.embed_pool"
+    try:
+        meta = EmbeddingMeta.from_dict(json.loads(meta_path.read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError) as err:
+        raise ValueError(f"key metadata {meta_path} is unreadable ({err}); {fix}") from err
+    if dim is not None and meta.dim != dim:
+        raise ValueError(
+            f"key file {key_path} holds a {dim}-d vector but {meta_path} says dim {meta.dim}; {fix}"
+        )
+    return meta
+
+
+def _check_adapter_dir(path: Path) -> tuple[list[str], str | None]:
+    """Problems with an adapter folder, and the ``base_model_name_or_path`` its config names."""
+    from swift.tuners.peft_format import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME
+
+    if not path.exists():
+        return [f"adapter directory {path} does not exist"], None
+    if not path.is_dir():
+        return [
+            f"adapter path {path} is not a directory; lora_path must name the folder that holds "
+            f"{CONFIG_NAME} and {SAFETENSORS_NAME}"
+        ], None
+    problems, trained_on = [], None
+    config = path / CONFIG_NAME
+    if not config.is_file():
+        problems.append(f"{path} has no {CONFIG_NAME}")
+    else:
+        try:
+            data = json.loads(config.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            data = None
+            problems.append(f"{config} is not valid JSON ({err})")
+        if isinstance(data, dict):
+            trained_on = data.get("base_model_name_or_path")
+        elif data is not None:
+            problems.append(f"{config} must hold a JSON object, got {type(data).__name__}")
+    if not (path / SAFETENSORS_NAME).is_file() and not (path / BIN_NAME).is_file():
+        problems.append(
+            f"{path} has no weights file ({SAFETENSORS_NAME} or legacy {BIN_NAME}); did its training finish?"
+        )
+    return problems, trained_on
+
+
+def _base_model_mismatch(trained_on: str | None, loaded: str | None) -> str | None:
+    if not trained_on or not loaded:
+        return None
+    from swift.tuners.swift_model import _model_name  # the one rule Swift.from_pretrained applies
+
+    if _model_name(trained_on) == _model_name(loaded):
+        return None
+    return (
+        f"adapter was trained on {trained_on!r} but the model to load is {loaded!r}; its outputs may be "
+        "meaningless (load the model it was trained on, or leave it out of the pool)"
+    )
+
+
 def _read_config(path: Path, problems: list[str], defaults: dict[str, Any]) -> list[AdapterEntry]:
     if not path.is_file():
         problems.append(f"pool config {path} does not exist")
         return []
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        problems.append(f"pool config {path} is not valid JSON: {err}")
-        return []
-    if not isinstance(data, list):
-        problems.append(
-            f"pool config {path} must be a JSON list of adapter entries, got {type(data).__name__}"
-        )
+        data = load_json_list(path)
+    except ValueError as err:
+        problems.append(str(err))
         return []
     entries = []
     for i, item in enumerate(data):

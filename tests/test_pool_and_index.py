@@ -6,10 +6,29 @@ import json
 
 import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
 from lora_retriever.index import ExactIndex, FaissFlatIndex, FaissHNSWIndex, build_index
 from lora_retriever.pool import AdapterPool, PoolValidationError, key_meta_path
 from lora_retriever.retriever import LoraRetriever, LoraRetrieverConfig, adapter_weights
+
+
+def write_adapter_dir(path, base_model=None, weights="adapter_model.safetensors"):
+    """A PEFT-format folder: ``adapter_config.json`` and a (tiny, valid) weights file named ``weights``."""
+    path.mkdir(parents=True, exist_ok=True)
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}
+    if base_model is not None:
+        config["base_model_name_or_path"] = base_model
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    tensors = {
+        "base_model.model.q_proj.lora_A.weight": np.zeros((2, 4), np.float32),
+        "base_model.model.q_proj.lora_B.weight": np.zeros((4, 2), np.float32),
+    }
+    if weights.endswith(".safetensors"):
+        save_file(tensors, str(path / weights))
+    elif weights:
+        (path / weights).write_bytes(b"legacy torch pickle")  # only its presence is validated up front
+    return path
 
 
 def write_pool(root, entries, name="pool.json", dims=None, meta_model="test-embedder"):
@@ -19,9 +38,7 @@ def write_pool(root, entries, name="pool.json", dims=None, meta_model="test-embe
     for i, entry in enumerate(entries):
         entry = {"lora_name": entry} if isinstance(entry, str) else dict(entry)
         name_ = entry["lora_name"]
-        adapter = root / "adapters" / name_
-        adapter.mkdir(parents=True, exist_ok=True)
-        (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+        write_adapter_dir(root / "adapters" / name_)
         key = root / "keys" / f"{name_}.npy"
         key.parent.mkdir(exist_ok=True)
         dim = dims[i] if dims else 8
@@ -70,6 +87,85 @@ def test_pool_reports_every_problem_at_once(tmp_path):
         "nope.json does not exist",
     ):
         assert needle in text
+
+
+def test_validate_names_every_broken_adapter_and_key(tmp_path):
+    names = [
+        "ok",
+        "gone",
+        "file",
+        "no_config",
+        "bad_config",
+        "no_weights",
+        "bad_key",
+        "bad_meta",
+        "wrong_dim",
+    ]
+    config = write_pool(tmp_path, names)
+    adapters, keys = tmp_path / "adapters", tmp_path / "keys"
+    for name in ("gone", "file"):
+        for child in (adapters / name).iterdir():
+            child.unlink()
+        (adapters / name).rmdir()
+    (adapters / "file").write_text("not a folder")
+    (adapters / "no_config" / "adapter_config.json").unlink()
+    (adapters / "bad_config" / "adapter_config.json").write_text("{'peft_type': LORA")
+    (adapters / "no_weights" / "adapter_model.safetensors").unlink()
+    (keys / "bad_key.npy").write_bytes(b"not numpy")
+    key_meta_path(keys / "bad_meta.npy").write_text("{oops")
+    key_meta_path(keys / "wrong_dim.npy").write_text(json.dumps({"model_id": "test-embedder", "dim": 16}))
+    with pytest.raises(PoolValidationError) as err:
+        AdapterPool.from_configs(config)
+    problems = err.value.problems
+    expected = {
+        "gone": "adapters/gone does not exist",
+        "file": "adapters/file is not a directory",
+        "no_config": "adapters/no_config has no adapter_config.json",
+        "bad_config": "adapter_config.json is not valid JSON",
+        "no_weights": "has no weights file (adapter_model.safetensors or legacy adapter_model.bin)",
+        "bad_key": "keys/bad_key.npy is not a readable .npy array",
+        "bad_meta": "bad_meta.meta.json is unreadable",
+        "wrong_dim": "holds a 8-d vector but",
+    }
+    assert len(problems) == len(expected), problems
+    for name, needle in expected.items():
+        assert any(p.startswith(f"'{name}'") and needle in p for p in problems), (name, problems)
+    assert not any(p.startswith("'ok'") for p in problems)
+
+
+def test_validate_accepts_a_legacy_bin_and_refuses_keys_of_two_embedders(tmp_path):
+    config = write_pool(tmp_path, ["a", "b"])
+    (tmp_path / "adapters" / "a" / "adapter_model.safetensors").unlink()
+    write_adapter_dir(tmp_path / "adapters" / "a", weights="adapter_model.bin")
+    assert AdapterPool.from_configs(config).names == ["a", "b"]
+    key_meta_path(tmp_path / "keys" / "b.npy").write_text(
+        json.dumps({"model_id": "other-embedder", "dim": 8})
+    )
+    with pytest.raises(PoolValidationError, match="model_id 'test-embedder' vs 'other-embedder'"):
+        AdapterPool.from_configs(config)
+
+
+def test_base_model_mismatch_warns_or_fails_when_strict(tmp_path, caplog):
+    smollm2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    config = write_pool(tmp_path, ["adapter_says", {"lora_name": "entry_says", "base_model": "org/Other-7B"}])
+    write_adapter_dir(tmp_path / "adapters" / "adapter_says", base_model=smollm2)
+    write_adapter_dir(tmp_path / "adapters" / "entry_says", base_model=smollm2)  # the entry's field wins
+    pool = AdapterPool.from_configs(config)
+    assert pool.validate() == []  # no model named: nothing to compare
+    # Swift.from_pretrained's rule: our fp32 cache of SmolLM2 is the same model as the hub id
+    with caplog.at_level("WARNING", logger="lora_retriever.pool"):
+        warnings = pool.validate(base_model="/cache/models/SmolLM2-135M-Instruct-fp32")
+    assert warnings == [
+        f"'entry_says' ({config}): adapter was trained on 'org/Other-7B' but the model to load is "
+        "'/cache/models/SmolLM2-135M-Instruct-fp32'; its outputs may be meaningless (load the model it was "
+        "trained on, or leave it out of the pool)"
+    ]
+    assert warnings[0] in caplog.text
+    assert [w.split()[0] for w in pool.validate(base_model="org/Other-7B")] == ["'adapter_says'"]
+    with pytest.raises(PoolValidationError) as err:
+        AdapterPool.from_configs(config, base_model="org/Other-7B", strict_base_model=True)
+    assert len(err.value.problems) == 1 and err.value.problems[0].startswith("'adapter_says'")
+    assert f"trained on {smollm2!r}" in err.value.problems[0]
 
 
 def test_pool_filter_by_field(tmp_path):

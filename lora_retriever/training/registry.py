@@ -1,10 +1,9 @@
 """Add a trained adapter to a pool config, safely when several trainings finish at once.
 
 ``register_adapter(config_path, entry)`` adds the entry, or replaces the one with the same ``lora_name``, in
-a pool config (a JSON list, see ``lora_retriever.pool``). The read-modify-write runs under an exclusive
-``fcntl.flock`` on a sidecar ``<config>.lock`` file, and the new JSON is written to a temporary file in the
-same folder, fsynced, and moved over the config with ``os.replace``: readers see the old or the new file,
-never a partial one; a crash leaves the old file intact; two concurrent registrations both survive.
+a pool config (a JSON list, see ``lora_retriever.pool``) through the one pool writer,
+``lora_retriever.pool_config.pool_transaction``: locked, re-read under the lock, written atomically. Two
+concurrent registrations both survive; a crash leaves the old file intact.
 
 ``register_trained_adapter`` does both for a freshly trained adapter (``train.py --register_pool``).
 
@@ -14,58 +13,18 @@ never a partial one; a crash leaves the old file intact; two concurrent registra
 
 from __future__ import annotations
 
-import contextlib
-import datetime as dt
-import json
-import os
 import shutil
-import tempfile
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lora_retriever.pool_config import default_key_path, pool_transaction, resolve_config_path, stored_entry
 from swift.utils import get_logger
+from swift.utils.files import atomic_write
 
 logger = get_logger(__name__)
 
-__all__ = ["PATH_FIELDS", "config_lock", "register_adapter", "register_trained_adapter", "write_adapter_key"]
-
-PATH_FIELDS = ("lora_path", "embedding_path", "samples_path")
-
-
-@contextlib.contextmanager
-def config_lock(config_path: str | Path, timeout: float = 120.0) -> Iterator[None]:
-    """Hold an exclusive lock on ``<config_path>.lock`` (created if missing; never deleted).
-
-    Raises:
-        TimeoutError: another process held the lock for ``timeout`` seconds.
-    """
-    try:
-        import fcntl
-    except ImportError as err:  # Windows
-        raise OSError("pool registration needs fcntl file locks (Linux / macOS).") from err
-    lock_path = Path(config_path).with_name(Path(config_path).name + ".lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(
-                        f"could not lock {lock_path} within {timeout:.0f} s; another registration holds it."
-                    ) from None
-                time.sleep(0.01)
-        try:
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
+__all__ = ["register_adapter", "register_trained_adapter", "write_adapter_key"]
 
 
 def register_adapter(
@@ -81,7 +40,7 @@ def register_adapter(
         entry: at least ``lora_name`` and ``lora_path``; any other fields are stored as given. Path fields
             (``lora_path``, ``embedding_path``, ``samples_path``) may be absolute or relative to the current
             directory; they are stored relative to the config's folder, as pool configs hold them.
-        lock_timeout: seconds to wait for a concurrent registration to finish.
+        lock_timeout: seconds to wait for a concurrent writer to finish.
 
     Returns:
         The entry as stored (relative paths).
@@ -91,15 +50,12 @@ def register_adapter(
             objects (it is left untouched; fix or move it).
         TimeoutError: the lock wasn't obtained within ``lock_timeout``.
     """
-    config_path = Path(config_path).expanduser().absolute()
     missing = [name for name in ("lora_name", "lora_path") if not entry.get(name)]
     if missing:
         raise ValueError(f"entry is missing {missing}; a pool entry needs lora_name and lora_path.")
-    stored = _relative_paths(entry, config_path.parent)
-    config_path.parent.mkdir(parents=True, exist_ok=True)
-    with config_lock(config_path, lock_timeout):
-        entries = _read_entries(config_path)
-        name = stored["lora_name"]
+    stored = stored_entry(entry, config_path)
+    name = stored["lora_name"]
+    with pool_transaction(config_path, lock_timeout=lock_timeout) as entries:
         positions = [i for i, e in enumerate(entries) if e.get("lora_name") == name]
         if positions:
             entries[positions[0]] = stored
@@ -112,60 +68,7 @@ def register_adapter(
         else:
             entries.append(stored)
             logger.info("added adapter %r to %s (%d adapters)", name, config_path, len(entries))
-        _atomic_write_text(config_path, json.dumps(entries, indent=2, ensure_ascii=False) + "\n")
     return stored
-
-
-def _relative_paths(entry: dict[str, Any], base_dir: Path) -> dict[str, Any]:
-    stored = dict(entry)
-    for name in PATH_FIELDS:
-        value = stored.get(name)
-        if value:
-            absolute = Path(os.path.expanduser(str(value))).absolute()
-            stored[name] = os.path.relpath(absolute, base_dir)
-    return stored
-
-
-def _read_entries(config_path: Path) -> list[dict[str, Any]]:
-    if not config_path.exists():
-        return []
-    text = config_path.read_text(encoding="utf-8")
-    if not text.strip():
-        return []
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(
-            f"pool config {config_path} is not valid JSON ({err}); it was left untouched. Fix or move it, then "
-            "register again."
-        ) from err
-    if not isinstance(data, list) or not all(isinstance(e, dict) for e in data):
-        raise ValueError(
-            f"pool config {config_path} must be a JSON list of adapter objects; it was left untouched."
-        )
-    return data
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to a temp file beside ``path``, fsync it, and ``os.replace`` it over ``path``."""
-    mode = path.stat().st_mode & 0o777 if path.exists() else _default_mode()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)  # mkstemp makes 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _default_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
 
 
 def write_adapter_key(
@@ -192,20 +95,12 @@ def write_adapter_key(
     Returns:
         The key file's path.
     """
-    from lora_retriever.embed_pool import build_key, write_key
-    from lora_retriever.pool import AdapterEntry
+    from lora_retriever.embed_pool import embed_key
 
-    key_path = Path(config_path).expanduser().absolute().parent / "keys" / f"{lora_name}.npy"
-    key, ids = build_key(embedder, samples, num_samples, seed)
-    meta = {
-        **embedder.meta("query").to_dict(),
-        "sample_ids": ids,
-        "num_samples": len(ids),
-        "seed": seed,
-        "samples_path": None if samples_path is None else str(samples_path),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-    write_key(AdapterEntry(lora_name=lora_name, lora_path=Path("."), embedding_path=key_path), key, meta)
+    key_path = default_key_path(config_path, lora_name)
+    ids = embed_key(
+        key_path, embedder, samples, num_samples=num_samples, seed=seed, samples_path=samples_path
+    )
     logger.info("wrote the retrieval key of %r (%d samples) to %s", lora_name, len(ids), key_path)
     return key_path
 
@@ -243,7 +138,7 @@ def register_trained_adapter(
     Raises:
         ValueError: no sample has text to embed.
     """
-    config_path = Path(config_path).expanduser().absolute()
+    config_path = resolve_config_path(config_path)
     samples_path = Path(samples_path).expanduser().absolute()
     if copy_samples:
         samples_path = _copy_file(
@@ -275,14 +170,7 @@ def register_trained_adapter(
 
 
 def _copy_file(source: Path, target: Path) -> Path:
-    """Copy ``source`` to ``target`` through a temp file + rename (never a half-copied file)."""
+    """Copy ``source`` to ``target`` atomically (never a half-copied file)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as out, source.open("rb") as src:
-            shutil.copyfileobj(src, out)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    with source.open("rb") as src:
+        return atomic_write(target, lambda out: shutil.copyfileobj(src, out))
