@@ -8,7 +8,8 @@ Supported ``model_type`` values (see ``MODEL_TYPES``):
 * ``qwen2-vl``, ``qwen2.5-vl``, ``internvl`` (the native transformers class, i.e. the ``-hf`` conversions),
   ``llava``: local VLM directories; the second return value is the processor.
 * ``internvl2``: an original InternVL2 checkpoint with its own modelling code; loads only with
-  ``trust_remote_code=True`` passed explicitly.
+  ``trust_remote_code=True`` passed explicitly. That code imports ``timm`` and ``einops``: install the
+  ``internvl2`` extra (``pip install -e '.[internvl2]'``).
 * ``auto``: read ``model_type`` from the directory's ``config.json``.
 
 Nothing is downloaded: paths must be local directories.
@@ -130,6 +131,8 @@ def get_model_tokenizer(
     kwargs = {"dtype": dtype}
     if info.needs_remote_code:
         kwargs["trust_remote_code"] = True
+    if info.needs_remote_code:
+        _require_remote_code_deps(model_type)
     model = model_cls.from_pretrained(str(path), **kwargs).to(device).eval()
     if info.is_multimodal:
         processor = transformers.AutoProcessor.from_pretrained(
@@ -228,3 +231,15 @@ def smollm2_hf_dir() -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
     logger.info("converted in %.1f s", time.perf_counter() - start)
     return target
+
+
+def _require_remote_code_deps(model_type: str) -> None:
+    """The original InternVL2 modelling code imports timm and einops: fail with the install command."""
+    import importlib.util
+
+    missing = [name for name in ("timm", "einops") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ImportError(
+            f"model_type {model_type!r} runs the checkpoint's own modelling code, which imports {missing}; "
+            "install them with `pip install -e '.[internvl2]'`."
+        )
