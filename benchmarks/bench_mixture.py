@@ -12,8 +12,8 @@ Usage (from the repository root; see benchmarks/README.md)::
     LORA_RETRIEVER_CACHE=/path/to/cache .venv/bin/python benchmarks/bench_mixture.py --quick
     LORA_RETRIEVER_CACHE=/path/to/cache .venv/bin/python benchmarks/bench_mixture.py   # ~17 min of CPU
 
-Results: ``<out-dir>/mixture_layer.{md,csv}``, ``mixture_e2e.{md,csv}``, ``mixture.json`` (``*_quick.*`` with
-``--quick``).
+Results: ``<out-dir>/mixture_layer.{md,csv,json}`` and ``mixture_e2e.{md,csv,json}``, one set per part (``*_quick.*``
+with ``--quick``); every file names the machine (``swift.utils.cpu_summary``).
 """
 
 from __future__ import annotations
@@ -321,9 +321,13 @@ def main(argv: list[str] | None = None) -> int:
             "```",
         ]
         (args.out_dir / f"mixture_layer{suffix}.md").write_text("\n".join(md) + "\n")
-        results["layer"] = {"rows": rows, "scaling": scaling, "kernel_choice": kernels}
-        results["layer_seconds"] = time.perf_counter() - t0
-        write_json(args.out_dir / f"mixture{suffix}.json", {**results, "targets": summaries})
+        layer = {"rows": rows, "scaling": scaling, "kernel_choice": kernels}
+        seconds = time.perf_counter() - t0
+        # One JSON per part: re-running one part (--skip-e2e / --skip-layer) leaves the other's results intact.
+        write_json(
+            args.out_dir / f"mixture_layer{suffix}.json",
+            {**results, "layer": layer, "layer_seconds": seconds, "targets": targets},
+        )
 
     if not args.skip_e2e:
         ec = config["e2e"]
@@ -389,18 +393,15 @@ def main(argv: list[str] | None = None) -> int:
             "```",
         ]
         (args.out_dir / f"mixture_e2e{suffix}.md").write_text("\n".join(md) + "\n")
-        results["e2e"] = e2e
-        results["e2e_seconds"] = time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        write_json(
+            args.out_dir / f"mixture_e2e{suffix}.json",
+            {**results, "e2e": e2e, "e2e_seconds": seconds, "targets": targets},
+        )
 
-    results["targets"] = summaries
-    results["total_seconds"] = time.perf_counter() - started
-    results["total_cpu_seconds"] = time.process_time() - started_cpu
-    write_json(args.out_dir / f"mixture{suffix}.json", results)
+    total_s, total_cpu_s = time.perf_counter() - started, time.process_time() - started_cpu
     print("\n" + format_targets(summaries))
-    print(
-        f"\nTotal {results['total_seconds'] / 60:.1f} min wall, {results['total_cpu_seconds'] / 60:.1f} min CPU; "
-        f"results in {args.out_dir}"
-    )
+    print(f"\nTotal {total_s / 60:.1f} min wall, {total_cpu_s / 60:.1f} min CPU; results in {args.out_dir}")
     return 0
 
 
