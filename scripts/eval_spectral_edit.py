@@ -47,20 +47,20 @@ from spectral_edit.hooks import (  # noqa: E402
     masked_lm_loss_sum,
     resolve_module,
 )
-from spectral_edit.io import (  # noqa: E402
-    CONFIG_NAME,
-    LoraAdapter,
-    load_lora_adapter,
-    parse_lora_ab_key,
-    peft_lora_key,
-    save_lora_state_dict,
-)
+from spectral_edit.io import load_lora_adapter  # noqa: E402
 from spectral_edit.pipeline import (  # noqa: E402
     decompose_adapter,
     edit_adapter_state,
     load_base_model,
     load_peft_model,
     select_modules,
+)
+from swift.tuners.peft_format import (  # noqa: E402
+    CONFIG_NAME,
+    LoraAdapter,
+    parse_lora_ab_key,
+    peft_lora_key,
+    write_adapter_dir,
 )
 
 logger = logging.getLogger("eval_spectral_edit")
@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
                 edit_info[name]["overlap_with_abs_select"] = selection_overlap(edits, states["abs_select"][1])
             if not args.no_save_adapters:
                 target = out_dir / "adapters" / name.replace("/", "_")
-                save_lora_state_dict(state, target)
+                write_adapter_dir(target, state)
                 (target / CONFIG_NAME).write_text((adapter_path / CONFIG_NAME).read_text())
     set_lora_factors(peft_model, adapter, states["unedited"][0])
 
@@ -379,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": command.rstrip(),
         "settings": vars(args),
         "adapter": str(adapter_path),
-        "adapter_config": {k: adapter.config.get(k) for k in ("r", "lora_alpha", "target_modules")},
+        "adapter_config": {k: adapter.config.raw.get(k) for k in ("r", "lora_alpha", "target_modules")},
         "calibration": {
             "path": str(calib_path),
             "num_examples": len(calib_pairs),

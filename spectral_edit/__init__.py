@@ -17,7 +17,7 @@ from spectral_edit.hooks import (
     compute_sigma_gradients,
     register_sigma_hooks,
 )
-from spectral_edit.io import load_lora_adapter, load_lora_state_dict, parse_lora_ab_key, save_lora_state_dict
+from spectral_edit.io import load_lora_adapter
 from spectral_edit.svd import LowRankSVD, lowrank_svd_from_ba, rebuild_ba_from_uv_sigma
 
 __all__ = [
@@ -30,11 +30,8 @@ __all__ = [
     "apply_spectral_edit",
     "compute_sigma_gradients",
     "load_lora_adapter",
-    "load_lora_state_dict",
     "lowrank_svd_from_ba",
-    "parse_lora_ab_key",
     "rebuild_ba_from_uv_sigma",
     "register_sigma_hooks",
-    "save_lora_state_dict",
     "spectral_gate",
 ]

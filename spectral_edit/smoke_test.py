@@ -25,6 +25,7 @@ from spectral_edit.edit import EditConfig
 from spectral_edit.hooks import IGNORE_INDEX, ModuleSpec, compute_sigma_gradients, resolve_module
 from spectral_edit.io import load_lora_adapter
 from spectral_edit.svd import rebuild_ba_from_uv_sigma
+from swift.tuners.peft_format import write_adapter_dir
 
 VOCAB = 64
 
@@ -120,7 +121,6 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def run_checks() -> list[tuple[str, bool, str]]:
     from peft import PeftModel
 
-    from spectral_edit.io import save_lora_state_dict
     from spectral_edit.pipeline import decompose_adapter, edit_adapter_state
 
     results: list[tuple[str, bool, str]] = []
@@ -176,7 +176,7 @@ def run_checks() -> list[tuple[str, bool, str]]:
             g = {m: torch.ones_like(d[0].S) for m, d in decompositions.items()}
             state, _ = edit_adapter_state(adapter, decompositions, g, identity)
             out = Path(tmp) / "identity"
-            save_lora_state_dict(state, out, adapter_config=adapter.config)
+            write_adapter_dir(out, state, adapter.config)
             diff = float((logits_of(out) - logits_of(lora_dir)).abs().max())
             if diff > 1e-5:
                 raise AssertionError(f"identity edit changed the logits by {diff:.2e}")
@@ -189,7 +189,7 @@ def run_checks() -> list[tuple[str, bool, str]]:
                 adapter, decompositions, g, EditConfig(amp_factor=2.0, sup_factor=0.0)
             )
             out = Path(tmp) / "edited"
-            save_lora_state_dict(state, out, adapter_config=adapter.config)
+            write_adapter_dir(out, state, adapter.config)
             reloaded = PeftModel.from_pretrained(copy.deepcopy(base), str(out)).eval()
             worst = 0.0
             for module, edit in edits.items():

@@ -170,8 +170,9 @@ def test_bin_with_code_is_refused(base, adapter):
     (adapter / "adapter_model.safetensors").unlink()
     with open(adapter / "adapter_model.bin", "wb") as f:
         pickle.dump({"x": _Exploit()}, f)
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(AdapterLoadError, match=r"adapter_model\.bin holds objects other than tensors") as err:
         load(base, adapter)
+    assert isinstance(err.value.__cause__, pickle.UnpicklingError)  # torch.load(weights_only=True) refused it
 
 
 def test_base_model_mismatch_warns(base, adapter, caplog):

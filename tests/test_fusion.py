@@ -66,12 +66,10 @@ def equal_dirs(dirs):
 def hand_scaled_factors(adapter_dir) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
     """(A, B, s) per module with s computed here from the JSON: alpha / r, or alpha / sqrt(r) for rsLoRA."""
     raw = json.loads((adapter_dir / "adapter_config.json").read_text())
-    _, pairs = read_adapter_dir(adapter_dir)
     out = {}
-    for module, (lora_A, lora_B) in pairs.items():
-        r = lora_A.shape[0]
-        s = raw["lora_alpha"] / (math.sqrt(r) if raw.get("use_rslora") else r)
-        out[module] = (lora_A.double(), lora_B.double(), s)
+    for module, pair in read_adapter_dir(adapter_dir).pairs.items():
+        s = raw["lora_alpha"] / (math.sqrt(pair.r) if raw.get("use_rslora") else pair.r)
+        out[module] = (pair.lora_A.double(), pair.lora_B.double(), s)
     return out
 
 
@@ -139,7 +137,7 @@ def test_cat_equals_dense_weighted_sum_over_the_union_of_modules(setup):
     assert "model.layers.0.mlp.gate_proj" in reference  # held by b alone
     for module, ref in reference.items():
         assert (fused.delta(module).double() - ref).abs().max().item() <= 1e-5, module
-        present = [spec["r"] for n, spec in MIXED_SPECS.items() if module in read_adapter_dir(dirs[n])[1]]
+        present = [spec["r"] for n, spec in MIXED_SPECS.items() if module in read_adapter_dir(dirs[n]).pairs]
         assert fused.ranks[module] == sum(present), module
 
 
@@ -224,11 +222,13 @@ def test_saved_adapter_round_trips_with_scaling_one_and_metadata(setup):
     _, dirs, root = setup
     fused = fuse(mixed_dirs(dirs), MIXED_WEIGHTS, "svd", svd_rank=5)
     out = fused.save(root / "roundtrip", base_model_name_or_path="tiny-llama")
-    config, pairs = read_adapter_dir(out)
-    assert set(pairs) == set(fused.modules)
-    for module, (lora_A, lora_B) in pairs.items():
-        assert torch.equal(lora_A, fused.modules[module][0]) and torch.equal(lora_B, fused.modules[module][1])
-        assert config.scaling(module, lora_A.shape[0]) == 1.0
+    adapter = read_adapter_dir(out)
+    config = adapter.config
+    assert set(adapter.pairs) == set(fused.modules)
+    for module, pair in adapter.pairs.items():
+        assert torch.equal(pair.lora_A, fused.modules[module][0])
+        assert torch.equal(pair.lora_B, fused.modules[module][1])
+        assert config.scaling(module, pair.r) == 1.0
     assert not config.use_rslora and config.base_model_name_or_path == "tiny-llama"
     meta = json.loads((out / "fusion_meta.json").read_text())
     assert meta["method"] == "svd" and meta["options"] == {"svd_rank": 5}

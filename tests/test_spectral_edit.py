@@ -20,15 +20,14 @@ from spectral_edit.hooks import (
     register_sigma_hooks,
     resolve_module,
 )
-from spectral_edit.io import (
-    load_lora_adapter,
-    load_lora_state_dict,
-    lora_scaling,
+from spectral_edit.io import load_lora_adapter
+from spectral_edit.svd import lowrank_svd_from_ba, rebuild_ba_from_uv_sigma
+from swift.tuners.peft_format import (
     pair_lora_weights,
     parse_lora_ab_key,
-    save_lora_state_dict,
+    read_state_dict,
+    write_adapter_dir,
 )
-from spectral_edit.svd import lowrank_svd_from_ba, rebuild_ba_from_uv_sigma
 from tests.factories import VOCAB, make_lora_dir, tiny_causal_lm
 
 # ----------------------------------------------------------------------------------------------------------
@@ -300,7 +299,7 @@ def test_identity_edit_reproduces_the_original_logits(lora_setup, tmp_path, conf
     state, edits = edit_adapter_state(adapter, decompositions, g, config)
     for edit in edits.values():
         assert edit.sigma_after == pytest.approx(edit.sigma_before, rel=1e-12)
-    save_lora_state_dict(state, tmp_path / "same", adapter_config=adapter.config)
+    write_adapter_dir(tmp_path / "same", state, adapter.config)
     ids = _batches()[0]["input_ids"]
     with torch.no_grad():
         original = _peft(base, lora_dir)(input_ids=ids).logits
@@ -316,8 +315,8 @@ def test_edited_adapter_loads_in_plain_peft_with_the_edited_spectrum(lora_setup,
     decompositions = decompose_adapter(adapter, list(adapter.pairs))
     g = compute_sigma_gradients(_peft(base, lora_dir), _batches(), _specs(adapter)[0])
     state, edits = edit_adapter_state(adapter, decompositions, g, EditConfig(amp_factor=2.0, sup_factor=0.0))
-    save_lora_state_dict(state, tmp_path / "edited", adapter_config=adapter.config)
-    saved = load_lora_state_dict(tmp_path / "edited")
+    write_adapter_dir(tmp_path / "edited", state, adapter.config)
+    saved = read_state_dict(tmp_path / "edited")
     model = _peft(base, tmp_path / "edited")
     for module, edit in edits.items():
         layer = resolve_module(model, module)
@@ -360,21 +359,6 @@ def test_parse_lora_ab_key(key: str, expected) -> None:
     assert parse_lora_ab_key(key) == expected
 
 
-def test_lora_scaling_reads_rslora_and_patterns() -> None:
-    config = {
-        "r": 8,
-        "lora_alpha": 16,
-        "rank_pattern": {"v_proj": 4},
-        "alpha_pattern": {"layers.1.self_attn.q_proj": 2},
-    }
-    assert lora_scaling(config, "model.layers.0.self_attn.q_proj", 8) == 2.0
-    assert lora_scaling(config, "model.layers.0.self_attn.v_proj", 4) == 4.0
-    assert lora_scaling(config, "model.layers.1.self_attn.q_proj", 8) == 0.25
-    assert lora_scaling({"r": 16, "lora_alpha": 8, "use_rslora": True}, "x.q_proj", 16) == 2.0
-    with pytest.raises(ValueError, match="rank 8 in the weights but adapter_config.json says r=4"):
-        lora_scaling(config, "model.layers.0.self_attn.v_proj", 8)
-
-
 def test_ms_swift_key_naming_is_edited_into_a_peft_adapter(lora_setup, tmp_path) -> None:
     from safetensors.torch import save_file
 
@@ -384,7 +368,7 @@ def test_ms_swift_key_naming_is_edited_into_a_peft_adapter(lora_setup, tmp_path)
     base, lora_dir = lora_setup
     swift_dir = tmp_path / "swift_lora"
     swift_dir.mkdir()
-    state = load_lora_state_dict(lora_dir)
+    state = read_state_dict(lora_dir)
     save_file(
         {k.replace(".weight", ".default.weight"): v for k, v in state.items()},
         str(swift_dir / "adapter_model.safetensors"),
@@ -404,9 +388,7 @@ def test_ms_swift_key_naming_is_edited_into_a_peft_adapter(lora_setup, tmp_path)
             progress=False,
         )
     )
-    assert all(
-        k.endswith((".lora_A.weight", ".lora_B.weight")) for k in load_lora_state_dict(tmp_path / "out")
-    )
+    assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in read_state_dict(tmp_path / "out"))
     ids = _batches()[0]["input_ids"]
     with torch.no_grad():
         torch.testing.assert_close(

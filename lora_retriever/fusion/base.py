@@ -24,7 +24,14 @@ from typing import Any, ClassVar, NamedTuple
 
 import torch
 
-from swift.tuners.peft_format import CONFIG_NAME, SAFETENSORS_NAME, LoraAdapterConfig, read_adapter_dir
+from swift.tuners.peft_format import (
+    LoraAdapterConfig,
+    base_weight_matches,
+    peft_base_weight_key,
+    peft_lora_key,
+    read_adapter_dir,
+    write_adapter_dir,
+)
 from swift.utils import get_logger
 
 logger = get_logger(__name__)
@@ -43,7 +50,6 @@ __all__ = [
     "register_fusion_method",
 ]
 
-PEFT_PREFIX = "base_model.model."
 META_NAME = "fusion_meta.json"
 
 
@@ -102,12 +108,15 @@ class LoraWeights:
         modules: ``{module_name: LoraModuleWeights}`` with names relative to the base model.
         config: the adapter's PEFT config, when read from a directory.
         source: the directory it was read from, if any.
+        base_weights: ``{module_name: weight}`` PEFT saved with the adapter for a targeted ``lm_head``; carried
+            into the fused adapter so that loaders can check it against their model.
     """
 
     name: str
     modules: dict[str, LoraModuleWeights]
     config: LoraAdapterConfig | None = None
     source: str | None = None
+    base_weights: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def from_dir(cls, adapter_dir: str | Path, name: str | None = None) -> LoraWeights:
@@ -116,12 +125,13 @@ class LoraWeights:
         Raises:
             FileNotFoundError / NotADirectoryError / AdapterLoadError: see ``read_adapter_dir``.
         """
-        config, pairs = read_adapter_dir(adapter_dir)
+        adapter = read_adapter_dir(adapter_dir)
         modules = {
-            module: LoraModuleWeights(lora_A, lora_B, config.scaling(module, lora_A.shape[0]))
-            for module, (lora_A, lora_B) in pairs.items()
+            module: LoraModuleWeights(pair.lora_A, pair.lora_B, adapter.scaling(module))
+            for module, pair in adapter.pairs.items()
         }
-        return cls(name or Path(adapter_dir).name, modules, config, str(adapter_dir))
+        name = name or Path(adapter_dir).name
+        return cls(name, modules, adapter.config, str(adapter_dir), dict(adapter.base_weights))
 
 
 class WeightedModule(NamedTuple):
@@ -167,6 +177,7 @@ class FusedAdapter:
         truncation_error: ``{module_name: relative Frobenius error}`` for methods that truncate (``svd``).
         base_model_name_or_path: written to ``adapter_config.json`` unless ``save`` overrides it.
         task_type: PEFT task type shared by the sources (None if they disagree or have none).
+        base_weights: the sources' saved base weights (``lm_head``), written back as PEFT does.
     """
 
     method: str
@@ -178,6 +189,7 @@ class FusedAdapter:
     truncation_error: dict[str, float] = field(default_factory=dict)
     base_model_name_or_path: str | None = None
     task_type: str | None = None
+    base_weights: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def ranks(self) -> dict[str, int]:
@@ -224,11 +236,13 @@ class FusedAdapter:
         }
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """PEFT key names: ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight``."""
+        """PEFT key names: ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight`` (+ base weights)."""
         state = {}
         for module, (lora_A, lora_B) in self.modules.items():
-            state[f"{PEFT_PREFIX}{module}.lora_A.weight"] = lora_A.detach().contiguous().cpu()
-            state[f"{PEFT_PREFIX}{module}.lora_B.weight"] = lora_B.detach().contiguous().cpu()
+            state[peft_lora_key(module, "A")] = lora_A.detach().contiguous().cpu()
+            state[peft_lora_key(module, "B")] = lora_B.detach().contiguous().cpu()
+        for module, weight in self.base_weights.items():
+            state[peft_base_weight_key(module)] = weight.detach().contiguous().cpu()
         return state
 
     def metadata(self) -> dict[str, Any]:
@@ -248,8 +262,9 @@ class FusedAdapter:
     def save(self, out_dir: str | Path, base_model_name_or_path: str | None = None) -> Path:
         """Write a PEFT adapter directory loadable by ``PeftModel.from_pretrained`` and ``Swift.from_pretrained``.
 
-        Writes ``adapter_config.json``, ``adapter_model.safetensors`` and ``fusion_meta.json`` (existing
-        files of those names are replaced, like ``PeftModel.save_pretrained`` does).
+        Writes ``adapter_config.json``, ``adapter_model.safetensors`` and ``fusion_meta.json`` atomically
+        (``swift.tuners.peft_format.write_adapter_dir``; existing files of those names are replaced, like
+        ``PeftModel.save_pretrained`` does).
 
         Returns:
             The directory.
@@ -257,18 +272,13 @@ class FusedAdapter:
         Raises:
             NotADirectoryError: ``out_dir`` exists and is a file.
         """
-        from safetensors.torch import save_file
-
-        path = Path(out_dir).expanduser()
-        if path.exists() and not path.is_dir():
-            raise NotADirectoryError(
-                f"out_dir {str(path)!r} is a file; pass a directory to write the adapter to."
-            )
-        path.mkdir(parents=True, exist_ok=True)
-        save_file(self.state_dict(), str(path / SAFETENSORS_NAME), metadata={"format": "pt"})
-        config = self.peft_config(base_model_name_or_path)
-        (path / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        (path / META_NAME).write_text(json.dumps(self.metadata(), indent=2) + "\n")
+        meta = json.dumps(self.metadata(), indent=2) + "\n"
+        path = write_adapter_dir(
+            out_dir,
+            self.state_dict(),
+            self.peft_config(base_model_name_or_path),
+            extra_files={META_NAME: meta},
+        )
         logger.info("saved %s-fused adapter (%d modules) to %s", self.method, len(self.modules), path)
         return path
 
@@ -446,6 +456,7 @@ def fuse(
         truncation_error=errors,
         base_model_name_or_path=_common(sources, "base_model_name_or_path"),
         task_type=_common(sources, "task_type"),
+        base_weights=_common_base_weights(sources),
     )
     logger.info(
         "fused %d adapters with %r: %d modules, total rank %d%s",
@@ -487,6 +498,21 @@ def _check_base_shapes(module: str, parts: Sequence[WeightedModule]) -> None:
                 f"{module!r}: [out, in] = {list(first.lora.base_shape)} vs {list(part.lora.base_shape)}; they "
                 "were trained on different base models and can't be fused."
             )
+
+
+def _common_base_weights(sources: Sequence[LoraWeights]) -> dict[str, torch.Tensor]:
+    """The base weights the sources saved (``lm_head``); they must agree where two sources hold one."""
+    common: dict[str, tuple[str, torch.Tensor]] = {}
+    for source in sources:
+        for module, weight in source.base_weights.items():
+            if module not in common:
+                common[module] = (source.name, weight)
+            elif not base_weight_matches(weight, common[module][1]):
+                raise ValueError(
+                    f"adapters {common[module][0]!r} and {source.name!r} carry different base weights for "
+                    f"{module!r}; they were trained on different base models (or vocabularies) and can't be fused."
+                )
+    return {module: weight for module, (_, weight) in common.items()}
 
 
 def _common(sources: Sequence[LoraWeights], key: str) -> str | None:

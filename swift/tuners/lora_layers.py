@@ -30,7 +30,6 @@ Outside a context a layer applies its active adapters (PEFT-style), or nothing.
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -585,7 +584,3 @@ def _longest_prefix(name: str, prefixes: Mapping[str, torch.Tensor]) -> str | No
             best = prefix
     return best
 
-
-def lora_scaling(lora_alpha: float, r: int, use_rslora: bool) -> float:
-    """``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rsLoRA (Kalajdzievski 2023)."""
-    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r

@@ -20,6 +20,8 @@ from swift.tuners.lora_layers import LoraLinear, LoraRouting, lora_mixture_conte
 from swift.tuners.peft_format import (
     AdapterLoadError,
     LoraAdapterConfig,
+    base_weight_matches,
+    peft_base_weight_key,
     read_adapter_dir,
     target_module_matches,
 )
@@ -94,16 +96,21 @@ class SwiftModel(nn.Module):
     def load_adapter(self, adapter_dir: str | Path, adapter_name: str = "default") -> None:
         """Load one PEFT-format LoRA directory as ``adapter_name``; all checks run before anything changes.
 
+        A ``base_layer.weight`` PEFT saved with the adapter (for a targeted ``lm_head``) must equal the model's
+        own weight of that module; it is checked, never loaded.
+
         Raises:
             ValueError: bad or duplicate ``adapter_name``.
             FileNotFoundError / NotADirectoryError / AdapterLoadError: see ``read_adapter_dir``; also a key
-                that maps to no module, a module that isn't linear, a shape that doesn't fit, or a module the
-                config targets but the weights lack.
+                that maps to no module, a module that isn't linear, a shape that doesn't fit, a module the
+                config targets but the weights lack, or a saved base weight that differs from the model's.
         """
         self._check_new_name(adapter_name)
-        config, pairs = read_adapter_dir(adapter_dir)
+        adapter = read_adapter_dir(adapter_dir)
+        config = adapter.config
         self._warn_on_base_mismatch(config, adapter_dir)
-        placed = self._place(pairs, adapter_dir)
+        placed = self._place({m: (p.lora_A, p.lora_B) for m, p in adapter.pairs.items()}, adapter_dir)
+        self._check_base_weights(adapter.base_weights, adapter_dir)
         self._check_complete(config, placed, adapter_dir)
         weights = {
             name: (lora_A, lora_B, config.scaling(name, lora_A.shape[0]))
@@ -207,6 +214,28 @@ class SwiftModel(nn.Module):
                 )
             placed[name] = (lora_A, lora_B)
         return placed
+
+    def _check_base_weights(self, base_weights: Mapping[str, torch.Tensor], adapter_dir: str | Path) -> None:
+        modules = self._named_linear_candidates()
+        for key_name, saved in base_weights.items():
+            key = peft_base_weight_key(key_name)
+            name = _resolve_name(key_name, modules)
+            if name is None:
+                raise AdapterLoadError(
+                    f"{adapter_dir}: key {key} maps to no module of {type(self.base_model).__name__}; the "
+                    "adapter was trained on another architecture."
+                )
+            module = modules[name]
+            own = getattr(module.base_layer if isinstance(module, LoraLinear) else module, "weight", None)
+            if not isinstance(own, torch.Tensor) or not base_weight_matches(saved, own):
+                own_shape = tuple(own.shape) if isinstance(own, torch.Tensor) else "no weight"
+                shapes = f"{tuple(saved.shape)} vs the model's {own_shape}"
+                raise AdapterLoadError(
+                    f"{adapter_dir}: the adapter carries a different base weight for {name} ({key}, {shapes}) "
+                    "than the model it is loaded into: it was trained on another base model, or with a resized "
+                    "vocabulary (resize_token_embeddings). Load it into the model it was trained with, resized "
+                    "the same way."
+                )
 
     def _check_complete(
         self, config: LoraAdapterConfig, placed: Mapping[str, object], adapter_dir: str | Path
