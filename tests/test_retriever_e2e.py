@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import numpy as np
 import pytest
@@ -170,9 +171,11 @@ def test_cat_fusion_generates_exactly_like_mixture(setup, lm):
     mixed = mixture.generate(queries, selections)
     fused = fusion.generate(queries, selections)
     assert mixed == fused
-    assert (
-        len(fusion._fused) <= 3
-    )  # three distinct selections in one batch (pinned), then trimmed to the cache
+    # three distinct selections stay loaded for the call, then the cache is trimmed to cache_size=2
+    assert len(fusion._fused) == 2
+    assert set(fusion.model.adapter_names) == {
+        name for name, _ in fusion._fused.values()
+    }  # evicted = unloaded
     base = MixtureComposer(
         copy.deepcopy(model), template, pool, batch_size=4, generation_config=gen, progress=False
     ).generate(queries, [[] for _ in queries])
@@ -189,6 +192,26 @@ def test_cat_fusion_generates_exactly_like_mixture(setup, lm):
         mixture_logits = mixture.model(input_ids=ids).logits
     with torch.no_grad():
         assert (peft_model(input_ids=ids).logits - mixture_logits).abs().max() <= 1e-5
+
+
+def test_composers_share_one_model_explicitly(setup, lm):
+    """A composer wraps a plain model once and never swaps it; sharing means passing composer.model."""
+    from swift.tuners import SwiftModel
+
+    model, template = lm
+    pool = AdapterPool.from_configs(setup["config"])
+    plain = copy.deepcopy(model)
+    first = MixtureComposer(plain, template, pool, progress=False)
+    assert isinstance(first.model, SwiftModel) and first.model.base_model is plain
+    wrapper = first.model
+    first.generate(["Capital of France?"], [[RetrievedAdapter("capitals", 1.0, 0.9)]])
+    assert first.model is wrapper and first.model.adapter_names == ["capitals"]
+    with pytest.raises(ValueError, match="pass that SwiftModel"):
+        FusionComposer(plain, template, pool, method="cat")  # the plain model is already inside `first`
+    second = FusionComposer(first.model, template, pool, method="cat", progress=False)
+    assert second.model is wrapper
+    second.generate(["Capital of Peru?"], [[RetrievedAdapter("capitals", 1.0, 0.9)]])
+    assert "capitals" in wrapper.adapter_names and first.model is wrapper  # loaded once, shared
 
 
 def test_svd_fusion_composer_reports_truncation(setup, lm):
@@ -299,16 +322,26 @@ def test_cli_ood_and_failures_are_recorded(setup, tmp_path):
     assert "retrieval_top1" not in metrics["overall"]  # meaningless when the own adapter is excluded
 
 
-def test_cli_bad_inputs(setup, tmp_path):
+def test_cli_bad_inputs(setup, tmp_path, capsys):
+    """User mistakes: one `error:` line and exit code 2; --debug raises the exception itself."""
     import infer_lora_retriever
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"query": "ok"}\n{"query": \n')
-    with pytest.raises(ValueError, match=r"bad\.jsonl:2: malformed JSON"):
-        infer_lora_retriever.main(["--test_data", str(bad), "--pool", str(setup["config"])])
-    with pytest.raises(ValueError, match="needs an adapter pool"):
-        infer_lora_retriever.main(["--test_data", str(setup["test"])])
     img = tmp_path / "img.jsonl"
     img.write_text(json.dumps({"query": "<image> what?", "images": ["missing.png"]}) + "\n")
-    with pytest.raises(FileNotFoundError, match="missing.png"):
-        infer_lora_retriever.main(["--test_data", str(img), "--merge_method", "base"])
+    cases = [
+        (
+            ["--test_data", str(bad), "--pool", str(setup["config"])],
+            ValueError,
+            r"bad\.jsonl:2: malformed JSON",
+        ),
+        (["--test_data", str(setup["test"])], ValueError, "needs an adapter pool"),
+        (["--test_data", str(img), "--merge_method", "base"], FileNotFoundError, "missing.png"),
+    ]
+    for argv, error, message in cases:
+        assert infer_lora_retriever.main([*argv, "--output_dir", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and re.search(message, err) and "Traceback" not in err
+        with pytest.raises(error, match=message):
+            infer_lora_retriever.main([*argv, "--output_dir", str(tmp_path / "out"), "--debug"])
