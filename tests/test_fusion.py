@@ -394,6 +394,29 @@ def test_in_memory_sources_and_default_uniform_weights(setup):
         assert (fused.delta(module).double() - ref).abs().max().item() <= 1e-5, module
 
 
+def test_lm_head_sources_fuse_into_an_adapter_that_carries_the_base_weight(setup):
+    """PEFT saves lm_head's base weight with a LoRA on it; the fused adapter keeps it, as PEFT would."""
+    base, dirs, root = setup
+    head = make_lora_dir(base, root / "lm_head_src", r=4, target_modules=["q_proj", "lm_head"], seed=7)
+    fused = fuse([head, dirs["a"]], [0.7, 0.4], "cat")
+    out = fused.save(root / "lm_head_cat")
+    saved = read_adapter_dir(out)
+    assert torch.equal(saved.base_weights["lm_head"], base.lm_head.weight)
+    reference = dense_weighted_sum([head, dirs["a"]], [0.7, 0.4])
+    assert (fused.delta("lm_head").double() - reference["lm_head"]).abs().max().item() <= 1e-5
+    input_ids = torch.randint(3, VOCAB, (2, 6))
+    peft_logits = logits(PeftModel.from_pretrained(copy.deepcopy(base), str(out)).eval(), input_ids)
+    swift_logits = logits(Swift.from_pretrained(copy.deepcopy(base), out), input_ids)
+    assert (peft_logits - swift_logits).abs().max().item() <= 1e-5  # same shapes, tiny model: strict bound
+
+    other = LoraWeights.from_dir(head, name="resized")
+    other.base_weights["lm_head"] = other.base_weights["lm_head"] + 1e-3
+    with pytest.raises(
+        ValueError, match=r"'lm_head_src' and 'resized' carry different base weights for 'lm_head'"
+    ):
+        fuse([head, other], None, "cat")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Bad input.
 # ----------------------------------------------------------------------------------------------------------
