@@ -21,29 +21,28 @@ from swift.tuners.peft_format import (
     read_state_dict,
     write_adapter_dir,
 )
-from tests.factories import VOCAB, make_lora_dir, tiny_causal_lm
+from tests.factories import VOCAB, make_lora_dir
 
 # Both sides of every logit comparison here run the same tiny model on the same batch shape, so fp32
 # results agree to rounding noise (~1e-7 on logits of magnitude ~1); 1e-5 leaves room for kernel order only.
 TOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def base():
-    return tiny_causal_lm("llama")
+@pytest.fixture
+def base(tiny_llama):
+    return tiny_llama
 
 
 @pytest.fixture
 def adapter(base, tmp_path):
-    return make_lora_dir(base, tmp_path / "good", r=4, target_modules=["q_proj", "v_proj"])
+    """A PEFT-saved LoRA (r=4) on q_proj / v_proj."""
+    return make_lora_dir(base, tmp_path / "qv", r=4, target_modules=["q_proj", "v_proj"])
 
 
-@pytest.fixture(scope="module")
-def lm_head_adapter(base, tmp_path_factory):
+@pytest.fixture
+def lm_head_adapter(base, tmp_path):
     """Saved by PEFT itself with lm_head targeted: the file holds base_model.model.lm_head.base_layer.weight."""
-    return make_lora_dir(
-        base, tmp_path_factory.mktemp("lm_head") / "a", r=4, target_modules=["q_proj", "lm_head"]
-    )
+    return make_lora_dir(base, tmp_path / "lm_head", r=4, target_modules=["q_proj", "lm_head"])
 
 
 def logits(model, ids: torch.Tensor) -> torch.Tensor:
