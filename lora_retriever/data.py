@@ -3,7 +3,12 @@
 Single turn: ``{"id", "query", "response", "images": [...], "task"}``.
 Chat: ``{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...], "images": [...]}``; the
 last user turn is the query and a final assistant turn the reference; earlier turns are kept as history.
-Image paths resolve against the JSONL file's folder; ``<image>`` tags mark where images go.
+``content`` is a string or a list of parts (``{"type": "text", "text": ...}``, ``{"type": "image"}``; an image
+part becomes an ``<image>`` tag). Image paths resolve against the JSONL file's folder; ``<image>`` tags mark
+where images go.
+
+Field types are checked as the file is read (``task`` a string or null, ``images`` a list of paths, ...), so
+a bad record fails before any model is loaded, with the file, line and field in the message.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from swift.llm.template import IMAGE_TAG
 
 __all__ = ["Sample", "read_samples"]
 
@@ -46,47 +53,69 @@ def read_samples(path: str | Path, *, limit: int | None = None, check_images: bo
 
     Raises:
         FileNotFoundError: the file, or an image it names, doesn't exist.
-        ValueError: a line that isn't a JSON object, or a record without a query (names the line number).
+        ValueError: a line that isn't a JSON object, a record without a query, a field of the wrong type
+            (names the file, the line number and the field), or a file that isn't UTF-8 text.
     """
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"test data {str(path)!r} does not exist")
     samples: list[Sample] = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            if limit is not None and len(samples) >= limit:
-                break
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(
-                    f"{path}:{line_no}: malformed JSON ({err.msg} at column {err.colno})"
-                ) from err
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
-            sample = _to_sample(record, path, line_no)
-            if check_images:
-                for image in sample.images:
-                    if not image.is_file():
-                        raise FileNotFoundError(f"{path}:{line_no}: image file {image} does not exist")
-            samples.append(sample)
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines: JSON strings may hold U+2028
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"test data {str(path)!r} is not UTF-8 text (byte {err.start}: {err.reason}); pass a JSONL file"
+        ) from err
+    for line_no, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        if limit is not None and len(samples) >= limit:
+            break
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{line_no}: malformed JSON ({err.msg} at column {err.colno})") from err
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
+        sample = _to_sample(record, path, line_no)
+        if check_images:
+            for image in sample.images:
+                if not image.is_file():
+                    raise FileNotFoundError(f"{path}:{line_no}: image file {image} does not exist")
+        samples.append(sample)
     return samples
 
 
+def _field(record: dict[str, Any], name: str, types: tuple[type, ...], where: str, expected: str) -> Any:
+    """``record[name]`` if it is ``None`` or of one of ``types`` (not a bool); else a ValueError naming it."""
+    value = record.get(name)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, types)):
+        raise ValueError(
+            f"{where}: field {name!r} must be {expected}, got {type(value).__name__} {json.dumps(value)[:60]}"
+        )
+    return value
+
+
 def _to_sample(record: dict[str, Any], path: Path, line_no: int) -> Sample:
-    images = record.get("images") or []
+    where = f"{path}:{line_no}"
+    images = _field(record, "images", (list, str), where, "a list of image file paths") or []
     if isinstance(images, str):
         images = [images]
-    if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
-        raise ValueError(f"{path}:{line_no}: 'images' must be a list of file paths")
+    bad = [i for i in images if not isinstance(i, str) or not i]
+    if bad:
+        raise ValueError(
+            f"{where}: field 'images' must be a list of image file paths, got an item {bad[0]!r}"
+        )
+    _field(record, "task", (str,), where, "a string or null")
+    _field(record, "system", (str,), where, "a string or null")
+    _field(record, "id", (str, int), where, "a string or a number")
+    _field(record, "response", (str, int, float), where, "a string (or a number), or null")
     image_paths = [
         Path(i).expanduser() if Path(i).expanduser().is_absolute() else path.parent / i for i in images
     ]
     known = {"id", "query", "response", "images", "task", "messages", "system"}
     extra = {k: v for k, v in record.items() if k not in known}
-    sample_id = str(record.get("id", f"line{line_no}"))
+    sample_id = f"line{line_no}" if record.get("id") is None else str(record["id"])
     if "messages" in record:
         return _chat_sample(record, path, line_no, sample_id, image_paths, extra)
     query = record.get("query")
@@ -116,7 +145,7 @@ def _chat_sample(record, path, line_no, sample_id, image_paths, extra) -> Sample
     for j, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise ValueError(f"{path}:{line_no}: message {j} needs 'role' and 'content'")
-        role, content = message["role"], message["content"]
+        role, content = message["role"], _content_text(message["content"], f"{path}:{line_no}: message {j}")
         if role == "system":
             system = content
         elif role in ("user", "assistant"):
@@ -139,3 +168,26 @@ def _chat_sample(record, path, line_no, sample_id, image_paths, extra) -> Sample
             raise ValueError(f"{path}:{line_no}: history turns must alternate user/assistant")
         history.append((c1, c2))
     return Sample(sample_id, query, response, image_paths, record.get("task"), system, history, extra)
+
+
+def _content_text(content: Any, where: str) -> str:
+    """A message's ``content``: a string, or a list of text / image parts (an image part -> ``<image>``)."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise ValueError(
+            f"{where}: field 'content' must be a string or a list of parts, got {type(content).__name__}"
+        )
+    pieces = []
+    for k, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            pieces.append(part["text"])
+        elif kind in ("image", "image_url"):
+            pieces.append(IMAGE_TAG)
+        else:
+            raise ValueError(
+                f"{where}: content part {k} must be {{'type': 'text', 'text': str}} or {{'type': 'image'}}, "
+                f"got {json.dumps(part)[:60]}"
+            )
+    return "".join(pieces)

@@ -10,55 +10,124 @@ import random
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
 import torch
 
 from lora_retriever.data import Sample, read_samples
+from lora_retriever.embedders.config import DTYPES, EmbedderConfig
 from lora_retriever.metrics import bleu, exact_match, rouge_l
 from lora_retriever.pool import AdapterPool
 from lora_retriever.retriever import WEIGHT_MODES, LoraRetriever, LoraRetrieverConfig, RetrievedAdapter
 from lora_retriever.selection import SELECTION_METHODS, select_adapters, task_adapter
+from swift.llm.model import DEFAULT_MODEL_TYPE, MODEL_TYPE_CHOICES, SMOLLM2_HUB_ID
 from swift.utils import get_logger
+from swift.utils.files import atomic_write_together, ensure_writable_dir
 
 logger = get_logger(__name__)
 
 __all__ = ["MERGE_METHODS", "InferenceConfig", "run_inference"]
 
 MERGE_METHODS = tuple(SELECTION_METHODS)  # base, oracle, selection, mixture, fusion, uniform_all
+_EMBEDDER_FIELDS = {f.name: f for f in fields(EmbedderConfig)}  # --embedder / --embedder_path: one help text
+
+
+def _fusion_methods() -> list[str]:
+    from lora_retriever.fusion import available_methods  # the registry: the one list of fusion methods
+
+    return available_methods()
 
 
 @dataclass
 class InferenceConfig:
-    """Settings of one inference run (see ``infer_lora_retriever.py --help`` for each flag)."""
+    """Settings of one inference run; each field's ``help`` is also its ``lora-retriever-infer`` flag's help."""
 
-    test_data: str
-    pools: list[str] = field(default_factory=list)
-    app_configs: list[str] = field(default_factory=list)
-    category_configs: list[str] = field(default_factory=list)
-    model_type: str = "smollm2-135m-instruct"
-    model_path: str | None = None
-    lora_type: str | None = None
-    top_k: int = 3
-    merge_method: str = "mixture"
-    composition_weight_mode: str = "uniform"
-    combination_type: str = "linear"
-    retrieval_temperature: float = 1.0
-    ood: bool = False
-    embedder: str = "sentence-transformers"
-    embedder_path: str | None = None
-    batch_size: int = 8
-    max_new_tokens: int = 64
-    seed: int = 42
-    device: str = "cpu"
-    dtype: str = "float32"
-    output_dir: str = "outputs/infer"
-    num_samples: int | None = None
-    show_similarities: bool = False
-    progress: bool = True
+    test_data: str = field(
+        metadata={"help": "JSONL test set: {id, query, response, images, task} or chat {messages, images}"}
+    )
+    pools: list[str] = field(
+        default_factory=list,
+        metadata={"help": "adapter pool config JSON (repeatable)", "flag": "pool", "action": "append"},
+    )
+    app_configs: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "pool config whose entries default to lora_type=app (repeatable)",
+            "flag": "app_config",
+            "action": "append",
+        },
+    )
+    category_configs: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "pool config whose entries default to lora_type=category (repeatable)",
+            "flag": "category_config",
+            "action": "append",
+        },
+    )
+    model_type: str = field(
+        default=DEFAULT_MODEL_TYPE,
+        metadata={
+            "help": f"base model type ({DEFAULT_MODEL_TYPE} is packaged; the others need --model_path; auto "
+            "reads the directory's config.json)",
+            "choices": MODEL_TYPE_CHOICES,
+        },
+    )
+    model_path: str | None = field(
+        default=None, metadata={"help": "local model directory (not needed for the packaged default)"}
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={
+            "help": "allow model code shipped inside a checkpoint's directory to run (internvl2 models, the "
+            "jina-v4 embedder)"
+        },
+    )
+    lora_type: str | None = field(
+        default=None, metadata={"help": "keep only adapters with this lora_type, e.g. app or category (all)"}
+    )
+    top_k: int = field(default=3, metadata={"help": "adapters retrieved per input"})
+    merge_method: str = field(
+        default="mixture",
+        metadata={
+            "help": "how the retrieved adapters are used: mixture (per-sample weighted sum of their outputs), "
+            "fusion (merged into one adapter, see --combination_type), selection (the top-1), base (no "
+            "adapter), oracle (each sample's own task adapter), uniform_all (every adapter, weight 1/N)",
+            "choices": MERGE_METHODS,
+        },
+    )
+    composition_weight_mode: str = field(
+        default="uniform",
+        metadata={"help": "weights of the k adapters (uniform 1/k is the paper's)", "choices": WEIGHT_MODES},
+    )
+    combination_type: str = field(
+        default="linear",
+        metadata={
+            "help": "fusion method for --merge_method fusion (linear is the paper's)",
+            "choices": _fusion_methods,
+        },
+    )
+    retrieval_temperature: float = field(default=1.0, metadata={"help": "temperature of the softmax weights"})
+    ood: bool = field(
+        default=False, metadata={"help": "out-of-domain: exclude each sample's own task adapter"}
+    )
+    embedder: str = field(
+        default=_EMBEDDER_FIELDS["backend"].default, metadata=_EMBEDDER_FIELDS["backend"].metadata
+    )
+    embedder_path: str | None = field(default=None, metadata=_EMBEDDER_FIELDS["model_path"].metadata)
+    batch_size: int = field(default=8, metadata={"help": "samples generated per batch"})
+    max_new_tokens: int = field(default=64, metadata={"help": "generation limit per answer"})
+    seed: int = field(default=42, metadata={"help": "seeds python, numpy and torch"})
+    device: str = field(default="cpu", metadata={"help": "torch device"})
+    dtype: str = field(default="float32", metadata={"help": "model dtype (fp32 on CPU)", "choices": DTYPES})
+    output_dir: str = field(
+        default="outputs/infer", metadata={"help": "where predictions.jsonl and metrics.json go"}
+    )
+    num_samples: int | None = field(default=None, metadata={"help": "only the first N samples"})
+    show_similarities: bool = field(default=False, metadata={"help": "log query/adapter similarity tables"})
+    progress: bool = field(default=True, metadata={"help": "show progress bars", "cli": False})
 
     def __post_init__(self) -> None:
         if self.merge_method not in MERGE_METHODS:
@@ -73,8 +142,27 @@ class InferenceConfig:
             raise ValueError(f"merge_method {self.merge_method!r} needs an adapter pool: pass --pool CONFIG")
         if self.num_samples is not None and self.num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.model_type not in MODEL_TYPE_CHOICES:
+            raise ValueError(f"model_type must be one of {MODEL_TYPE_CHOICES}, got {self.model_type!r}")
+        if self.merge_method == "fusion" and self.combination_type not in _fusion_methods():
+            raise ValueError(
+                f"combination_type must be one of {_fusion_methods()}, got {self.combination_type!r}"
+            )
+        if not self.output_dir:
+            raise ValueError("output_dir is empty; pass --output_dir DIR")
+        if SELECTION_METHODS[self.merge_method] in ("top1", "topk"):
+            self.embedder_config()  # validates the embedder settings (e.g. jina-v4's --trust_remote_code)
+
+    def embedder_config(self) -> EmbedderConfig:
+        """The retrieval embedder's ``EmbedderConfig`` (validated)."""
+        return EmbedderConfig(
+            backend=self.embedder,
+            model_path=self.embedder_path,
+            device=self.device,
+            trust_remote_code=self.trust_remote_code,
+        )
 
     def pool_sources(self) -> tuple[list[str], list[dict[str, Any]]]:
         """Config paths and, per path, the default ``lora_type`` its entries get."""
@@ -88,10 +176,16 @@ class InferenceConfig:
 
 
 def run_inference(config: InferenceConfig) -> dict[str, Any]:
-    """Run the whole job; returns the metrics (also written to ``output_dir/metrics.json``)."""
+    """Run the whole job; returns the metrics (also written to ``output_dir/metrics.json``).
+
+    Everything that can be checked without the model is checked first (output folder writable, samples and
+    their field types, pool entries with weights, keys and base model), so a mistake costs seconds.
+    ``predictions.jsonl`` and ``metrics.json`` are written under temporary names and renamed together.
+    """
     random.seed(config.seed)
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
+    out_dir = ensure_writable_dir(config.output_dir, argument="output_dir")
     samples = read_samples(config.test_data, limit=config.num_samples)
     if not samples:
         raise ValueError(f"{config.test_data} holds no samples")
@@ -103,6 +197,7 @@ def run_inference(config: InferenceConfig) -> dict[str, Any]:
             with_context,
         )
     pool = _load_pool(config)
+    _warn_if_top_k_exceeds_pool(config, pool)
     # Images are decoded once, here, for both retrieval and generation.
     images = [s.load_images() for s in samples] if any(s.images for s in samples) else None
     selections, retrieved = _select(config, pool, samples, images)
@@ -112,9 +207,14 @@ def run_inference(config: InferenceConfig) -> dict[str, Any]:
     from swift.llm import get_model_tokenizer, get_template
 
     model, processor = get_model_tokenizer(
-        config.model_type, config.model_path, dtype=getattr(torch, config.dtype), device=config.device
+        config.model_type,
+        config.model_path,
+        dtype=getattr(torch, config.dtype),
+        device=config.device,
+        trust_remote_code=config.trust_remote_code,
     )
     template = get_template(config.model_type, processor)
+    _warn_long_prompts(samples, template, model, config.max_new_tokens)
     generation = GenerationConfig(max_new_tokens=config.max_new_tokens, do_sample=False)
     composer = _composer(config, model, template, pool, generation)
 
@@ -123,8 +223,6 @@ def run_inference(config: InferenceConfig) -> dict[str, Any]:
     errors = predictions.errors
     elapsed = time.perf_counter() - start
 
-    out_dir = Path(config.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     records = []
     for sample, sel, pred, err in zip(samples, selections, predictions, errors):
         records.append(
@@ -138,9 +236,6 @@ def run_inference(config: InferenceConfig) -> dict[str, Any]:
                 "error": err,
             }
         )
-    with (out_dir / "predictions.jsonl").open("w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
     metrics = score(records, pool, retrieved=retrieved and not config.ood, top_k=config.top_k)
     metrics["run"] = {
         **asdict(config),
@@ -148,7 +243,12 @@ def run_inference(config: InferenceConfig) -> dict[str, Any]:
         "num_samples": len(samples),
         "pool_size": len(pool) if pool else 0,
     }
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    atomic_write_together(
+        {
+            out_dir / "predictions.jsonl": "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
+            out_dir / "metrics.json": json.dumps(metrics, indent=2) + "\n",
+        }
+    )
     return metrics
 
 
@@ -156,8 +256,53 @@ def _load_pool(config: InferenceConfig) -> AdapterPool | None:
     paths, defaults = config.pool_sources()
     if not paths:
         return None
-    pool = AdapterPool.from_configs(paths, defaults=defaults)
+    # The adapters' base model is checked against the model to load now, before it is loaded.
+    loaded = config.model_path or (SMOLLM2_HUB_ID if config.model_type == DEFAULT_MODEL_TYPE else None)
+    pool = AdapterPool.from_configs(paths, defaults=defaults, base_model=loaded)
     return pool.filter("lora_type", config.lora_type)
+
+
+def _warn_if_top_k_exceeds_pool(config: InferenceConfig, pool: AdapterPool | None) -> None:
+    if pool is None or SELECTION_METHODS[config.merge_method] != "topk":
+        return
+    available = len(pool) - 1 if config.ood else len(pool)  # out of domain: the sample's own one is excluded
+    if config.top_k > available:
+        logger.warning(
+            "--top_k %d is above the %d adapters each sample can get (pool of %d%s): every sample gets all %d",
+            config.top_k,
+            available,
+            len(pool),
+            ", --ood" if config.ood else "",
+            available,
+        )
+
+
+def _warn_long_prompts(samples: Sequence[Sample], template: Any, model: Any, max_new_tokens: int) -> None:
+    """Warn, naming the samples, when a text prompt plus ``max_new_tokens`` exceeds the model's context.
+
+    Prompts with images are not measured (their image tokens are known only after the processor runs).
+    """
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    context = getattr(text_config, "max_position_embeddings", None)
+    if not context:
+        return
+    too_long = []
+    text_only = [s for s in samples if not s.images]
+    for start in range(0, len(text_only), 64):
+        chunk = text_only[start : start + 64]
+        lengths = template.encode_batch([s.query for s in chunk])["attention_mask"].sum(dim=1).tolist()
+        too_long += [(s.id, n) for s, n in zip(chunk, lengths) if n + max_new_tokens > context]
+    if too_long:
+        shown = ", ".join(f"{sample_id} ({n} tokens)" for sample_id, n in too_long[:5])
+        logger.warning(
+            "%d prompt(s) plus --max_new_tokens %d exceed the model's context of %d tokens; their answers may be "
+            "cut or degraded: %s%s",
+            len(too_long),
+            max_new_tokens,
+            context,
+            shown,
+            ", ..." if len(too_long) > 5 else "",
+        )
 
 
 def _select(
@@ -171,9 +316,7 @@ def _select(
     tasks = [s.task for s in samples]
     if SELECTION_METHODS[method] in ("none", "own", "all"):
         return select_adapters(method, pool, tasks=tasks, ood=config.ood), False
-    from lora_retriever.embedders import EmbedderConfig
-
-    embedder = EmbedderConfig(backend=config.embedder, model_path=config.embedder_path, device=config.device)
+    embedder = config.embedder_config()
     retriever = LoraRetriever(
         LoraRetrieverConfig(
             top_k=config.top_k,
@@ -186,7 +329,9 @@ def _select(
     if config.show_similarities:
         logger.info("similarities:\n%s", retriever.show_similarities([s.query for s in samples[:10]]))
     if images is not None and not getattr(retriever.embedder, "supports_images", False):
-        logger.warning("embedder %s is text-only: images are ignored for retrieval", retriever.embedder.model_id)
+        logger.warning(
+            "embedder %s is text-only: images are ignored for retrieval", retriever.embedder.model_id
+        )
         images = None
     retriever.check_embedder()
     vectors = retriever.embed_queries([s.query for s in samples], images)

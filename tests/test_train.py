@@ -12,6 +12,7 @@ import math
 import multiprocessing
 import os
 import random
+import re
 import time
 from pathlib import Path
 
@@ -135,6 +136,23 @@ def test_eval_loss_and_perplexity_before_and_after(llama_dir, memo_json, tmp_pat
         assert metrics[f"eval_perplexity_{when}"] == pytest.approx(math.exp(metrics[f"eval_loss_{when}"]))
     assert metrics["eval_loss_after"] < metrics["eval_loss_before"]  # the answers share words and format
     assert json.loads((tmp_path / "out" / "metrics.json").read_text()) == metrics
+
+
+def test_progress_bar_shows_every_step_with_its_loss(llama_dir, memo_json, tmp_path, capsys):
+    """The bar is redrawn after every optimizer step with the step's loss and lr (issue 8, point 8)."""
+    seen: list[tuple[int, float]] = []
+    metrics = train(
+        tiny_config(llama_dir, memo_json, tmp_path / "out", max_steps=4, eval_split=0, progress=True),
+        on_step=lambda step, loss: seen.append((step, loss)),
+    )
+    frames = re.findall(
+        r"train:.*?(\d+)/4 \[[^\]]*loss=([0-9.]+), lr=([0-9.e+-]+)\]", capsys.readouterr().err
+    )
+    drawn = {int(step): float(loss) for step, loss, _ in frames}
+    assert set(drawn) == {1, 2, 3, 4}, frames  # one frame per step, not one at the end
+    for step, loss in seen:  # the bar shows each step's own loss (rounded to 4 places)
+        assert drawn[step] == pytest.approx(loss, abs=1e-4)
+    assert [loss for _, loss in seen] == metrics["train_losses"]
 
 
 @pytest.mark.parametrize("quantization", ["nf4", "int8"])
@@ -381,11 +399,15 @@ def test_missing_files_are_errors(tmp_path):
         read_training_records(write(tmp_path / "d.json", json.dumps([record])))
 
 
-def test_cli_reports_a_bad_dataset_before_loading_a_model(tmp_path):
+def test_cli_reports_a_bad_dataset_before_loading_a_model(tmp_path, capsys):
+    # The model path does not exist: had the model been loaded first, the error would name it instead.
     bad = write(tmp_path / "bad.jsonl", '{"input": "a", "output": "b"}\n{"input": "c"}\n')
     argv = ["--model_type", "llama", "--model_path", str(tmp_path / "no_model"), "--dataset_path", str(bad)]
-    with pytest.raises(DatasetError, match="line 2: missing field 'output'"):
-        train_cli.main([*argv, "--output_dir", str(tmp_path / "out"), "--quiet"])
+    assert train_cli.main([*argv, "--output_dir", str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "line 2: missing field 'output'" in err and "Traceback" not in err
+    with pytest.raises(DatasetError, match="line 2: missing field 'output'"):  # --debug: the exception itself
+        train_cli.main([*argv, "--output_dir", str(tmp_path / "out"), "--quiet", "--debug"])
 
 
 def test_split_is_seeded_and_leaves_training_data():
@@ -451,11 +473,14 @@ def test_config_validation_names_the_setting(overrides, message):
 
 
 def test_cli_rejects_bad_flags(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        train_cli.main(["--dataset_path", "d.json", "--output_dir", str(tmp_path), "--lora_r", "0"])
-    assert "lora_r must be a positive integer" in capsys.readouterr().err
-    config = TrainConfig(dataset_path="data/capitals.jsonl", output_dir="o", max_steps=-1)
+    assert train_cli.main(["--dataset_path", "d.json", "--output_dir", str(tmp_path), "--lora_r", "0"]) == 2
+    assert capsys.readouterr().err == "error: lora_r must be a positive integer, got 0.\n"
+    with pytest.raises(SystemExit):  # not a choice: argparse's own usage error
+        train_cli.main(["--dataset_path", "d.json", "--quantization", "fp8"])
+    assert "invalid choice: 'fp8'" in capsys.readouterr().err
+    config = TrainConfig(dataset_path="data/capitals.jsonl", max_steps=-1)
     assert config.adapter_name == "capitals" and config.max_steps is None
+    assert Path(config.output_dir) == Path("outputs") / "adapters" / "capitals"  # the documented default
 
 
 # ---------------------------------------------------------------------------------------------- pool registry

@@ -7,90 +7,142 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from swift.llm.model import DEFAULT_MODEL_TYPE, MODEL_TYPE_CHOICES
+
 __all__ = ["QUANTIZATIONS", "TrainConfig"]
 
 QUANTIZATIONS = ("none", "nf4", "int8")
 
 
+def _help(text: str, group: str, **more: Any) -> dict[str, Any]:
+    return {"help": text, "group": group, **more}
+
+
+_DATA, _MODEL, _OPTIM, _RUN, _POOL = (
+    "data and output",
+    "model and LoRA",
+    "optimisation",
+    "checkpoints and logging",
+    "adapter pool",
+)
+
+
 @dataclass
 class TrainConfig:
-    """Settings of one training run (``train.py --help`` documents each flag of the same name).
+    """Settings of one training run; each field's ``help`` is also its ``train.py`` flag's help.
 
-    Attributes:
-        dataset_path: training data: a JSON list, ``{"data": [...]}`` or JSONL of ``{"input", "output"}``
-            records or of chat ``messages`` (see ``lora_retriever.training.data``).
-        output_dir: where the adapter, ``training_args.json``, ``metrics.json``, ``train.log`` and the
-            ``checkpoint-<step>/`` folders go.
-        adapter_name: the adapter's name (its ``lora_name`` in a pool); defaults to the dataset file's stem.
-        model_type / model_path: the base model, as ``swift.llm.get_model_tokenizer`` takes them.
-        lora_r / lora_alpha / lora_dropout / target_modules: the PEFT ``LoraConfig`` (``["all-linear"]``
-            targets every linear layer but the output head).
-        quantization: ``"none"`` (fp32 LoRA), ``"nf4"`` (QLoRA: 4-bit NF4 base) or ``"int8"`` (LLM.int8 base).
-        epochs / max_steps: passes over the training split, unless ``max_steps`` (optimizer steps) is set.
-        learning_rate / warmup_ratio / weight_decay / max_grad_norm: AdamW with linear warmup then linear
-            decay, gradients clipped to ``max_grad_norm`` (0 disables clipping).
-        batch_size / grad_accum: examples per forward pass and forward passes per optimizer step.
-        max_length: examples are cut to this many tokens (the answer's tail goes first); an example whose
-            prompt alone is this long is skipped with a warning.
-        eval_split: fraction of the records held out for the eval loss / perplexity (0 = no eval).
-        seed: seeds the eval split, the data order, LoRA init and dropout.
-        save_steps: write ``checkpoint-<step>/`` every this many steps (0 = never).
-        save_total_limit: keep only the newest this many checkpoints (``None`` = keep all).
-        logging_steps: log the loss every this many steps.
-        resume_from: a checkpoint folder, or ``"auto"`` for the newest one in ``output_dir``.
-        overwrite_output_dir: delete existing checkpoints in ``output_dir`` when starting afresh.
-        system: optional system prompt for every example without its own.
-        register_pool: pool config JSON to add the adapter to (with a retrieval key) after training.
-        num_key_samples: training samples embedded into the retrieval key.
-        description / task / category: fields of the pool entry.
-        copy_samples: copy the dataset next to the pool config instead of pointing at it.
-        gradient_checkpointing: recompute activations in the backward pass (less memory, slower).
-        device: where to train.
-        progress: show progress bars.
+    The loss is the mean over the answer tokens; AdamW with linear warmup then linear decay; examples longer
+    than ``max_length`` lose the answer's tail first, and one whose prompt alone is that long is skipped with
+    a warning. ``seed`` seeds the eval split, the data order, the LoRA init and dropout.
     """
 
-    dataset_path: str
-    output_dir: str
-    adapter_name: str | None = None
-    model_type: str = "smollm2-135m-instruct"
-    model_path: str | None = None
-    lora_r: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
-    quantization: str = "none"
-    epochs: int = 3
-    max_steps: int | None = None
-    learning_rate: float = 2e-3
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_length: int = 512
-    eval_split: float = 0.1
-    seed: int = 42
-    save_steps: int = 50
-    save_total_limit: int | None = None
-    logging_steps: int = 10
-    resume_from: str | None = None
-    overwrite_output_dir: bool = False
-    system: str | None = None
-    register_pool: str | None = None
-    num_key_samples: int = 20
-    description: str | None = None
-    task: str | None = None
-    category: str | None = None
-    copy_samples: bool = False
-    gradient_checkpointing: bool = False
-    device: str = "cpu"
-    progress: bool = True
+    dataset_path: str = field(
+        metadata=_help(
+            "training data: a JSON list, {'data': [...]} or JSONL of {input, output} or chat "
+            "{messages, images} records",
+            _DATA,
+        )
+    )
+    output_dir: str | None = field(
+        default=None,
+        metadata=_help(
+            "where the adapter, training_args.json, metrics.json, train.log and checkpoint-<step>/ go "
+            "(default: outputs/adapters/<adapter_name>)",
+            _DATA,
+        ),
+    )
+    adapter_name: str | None = field(
+        default=None,
+        metadata=_help("the adapter's name / pool lora_name (default: the dataset's stem)", _DATA),
+    )
+    eval_split: float = field(default=0.1, metadata=_help("fraction of the records held out for eval", _DATA))
+    max_length: int = field(default=512, metadata=_help("max tokens per example", _DATA))
+    system: str | None = field(
+        default=None, metadata=_help("system prompt for records without their own", _DATA)
+    )
+    model_type: str = field(
+        default=DEFAULT_MODEL_TYPE,
+        metadata=_help(
+            f"base model type ({DEFAULT_MODEL_TYPE} is packaged; the others need --model_path; auto reads "
+            "the directory's config.json)",
+            _MODEL,
+            choices=MODEL_TYPE_CHOICES,
+        ),
+    )
+    model_path: str | None = field(
+        default=None, metadata=_help("local model directory (not needed for the packaged default)", _MODEL)
+    )
+    lora_r: int = field(default=8, metadata=_help("LoRA rank", _MODEL))
+    lora_alpha: float = field(default=16.0, metadata=_help("LoRA alpha", _MODEL))
+    lora_dropout: float = field(default=0.05, metadata=_help("LoRA dropout", _MODEL))
+    target_modules: list[str] = field(
+        default_factory=lambda: ["all-linear"],
+        metadata=_help(
+            "module names to adapt (e.g. q_proj v_proj), or all-linear: every linear layer but the output head",
+            _MODEL,
+        ),
+    )
+    quantization: str = field(
+        default="none",
+        metadata=_help(
+            "base model weights: fp32 (none), 4-bit NF4 (QLoRA) or int8, via bitsandbytes",
+            _MODEL,
+            choices=QUANTIZATIONS,
+        ),
+    )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata=_help("recompute activations in the backward pass (less memory, slower)", _MODEL),
+    )
+    device: str = field(default="cpu", metadata=_help("torch device to train on", _MODEL))
+    epochs: int = field(default=3, metadata=_help("passes over the training split", _OPTIM))
+    max_steps: int | None = field(
+        default=None, metadata=_help("optimizer steps; overrides --epochs when > 0", _OPTIM)
+    )
+    learning_rate: float = field(default=2e-3, metadata=_help("AdamW peak learning rate", _OPTIM))
+    warmup_ratio: float = field(default=0.1, metadata=_help("fraction of the steps warming up", _OPTIM))
+    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay", _OPTIM))
+    max_grad_norm: float = field(default=1.0, metadata=_help("gradient clipping (0 = off)", _OPTIM))
+    batch_size: int = field(default=8, metadata=_help("examples per forward pass", _OPTIM))
+    grad_accum: int = field(default=1, metadata=_help("forward passes per optimizer step", _OPTIM))
+    seed: int = field(default=42, metadata=_help("seed of the split, data order, LoRA init, dropout", _OPTIM))
+    save_steps: int = field(
+        default=50, metadata=_help("write checkpoint-<step>/ every N steps (0 = never)", _RUN)
+    )
+    save_total_limit: int | None = field(
+        default=None, metadata=_help("keep only the newest N checkpoints", _RUN)
+    )
+    logging_steps: int = field(default=10, metadata=_help("log the loss every N steps", _RUN))
+    resume_from: str | None = field(
+        default=None,
+        metadata=_help("a checkpoint-<step> folder, or auto (the newest in --output_dir)", _RUN),
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata=_help("delete old checkpoints in --output_dir when starting afresh", _RUN)
+    )
+    register_pool: str | None = field(
+        default=None,
+        metadata=_help(
+            "pool config JSON to add the adapter to (with a retrieval key) after training",
+            _POOL,
+            metavar="CONFIG",
+        ),
+    )
+    num_key_samples: int = field(default=20, metadata=_help("training samples embedded into the key", _POOL))
+    description: str | None = field(default=None, metadata=_help("pool entry description", _POOL))
+    task: str | None = field(default=None, metadata=_help("pool entry task", _POOL))
+    category: str | None = field(default=None, metadata=_help("pool entry category", _POOL))
+    copy_samples: bool = field(
+        default=False,
+        metadata=_help(
+            "copy the dataset to <pool folder>/samples/ instead of pointing samples_path at it", _POOL
+        ),
+    )
+    progress: bool = field(default=True, metadata={"help": "show progress bars", "cli": False})
 
     def __post_init__(self) -> None:
         if not self.dataset_path:
             raise ValueError("dataset_path is required (--dataset_path FILE).")
-        if not self.output_dir:
-            raise ValueError("output_dir is required (--output_dir DIR).")
         if self.adapter_name is None:
             self.adapter_name = Path(self.dataset_path).stem
         if not self.adapter_name or "/" in self.adapter_name or "." in self.adapter_name:
@@ -98,6 +150,8 @@ class TrainConfig:
                 f"adapter_name must be a non-empty name without '/' or '.', got {self.adapter_name!r}; "
                 "pass --adapter_name NAME."
             )
+        if not self.output_dir:
+            self.output_dir = str(Path("outputs") / "adapters" / self.adapter_name)
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}.")
         if isinstance(self.target_modules, str):

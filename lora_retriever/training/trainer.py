@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lora_retriever.pool_config import check_pool_writable
 from lora_retriever.training.checkpoint import (
     TrainerState,
     find_latest_checkpoint,
@@ -53,6 +54,7 @@ from lora_retriever.training.data import (
 from lora_retriever.training.model import add_lora, load_base_model
 from lora_retriever.training.registry import register_trained_adapter
 from swift.utils import get_logger
+from swift.utils.files import atomic_write, ensure_writable_dir
 
 logger = get_logger(__name__)
 
@@ -105,10 +107,14 @@ def train(
     Raises:
         FileNotFoundError / DatasetError: bad dataset (see ``read_training_records``) or checkpoint.
         ValueError: no usable training example, or existing checkpoints in ``output_dir`` without
-            ``resume_from`` / ``overwrite_output_dir``.
+            ``resume_from`` / ``overwrite_output_dir``, or a ``register_pool`` config that isn't a JSON list.
+        NotADirectoryError / PermissionError: ``output_dir`` or the ``register_pool`` folder can't be written.
     """
-    output_dir = Path(config.output_dir).expanduser()
-    output_dir.mkdir(parents=True, exist_ok=True)
+    # Validate before working: the output folder and the pool to register in are checked before the data is
+    # read and the model loaded, so a mistake doesn't cost a training run.
+    output_dir = ensure_writable_dir(config.output_dir, argument="output_dir")
+    if config.register_pool:
+        check_pool_writable(config.register_pool)
     checkpoint = _checkpoint_to_resume(config, output_dir)
     with _log_to_file(output_dir / LOG_FILE):
         logger.info("training adapter %r: %s", config.adapter_name, json.dumps(config.to_dict()))
@@ -330,7 +336,8 @@ def _train_steps(
             state.train_losses.append(loss)
             state.train_seconds = base_seconds + time.perf_counter() - started
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            # refresh: draw a frame for every step with its loss (tqdm would skip frames within mininterval)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=True)
             if state.step % config.logging_steps == 0 or state.step in (1, total_steps):
                 logger.info(
                     "step %d/%d epoch %d loss %.4f lr %.3e%s",
@@ -508,7 +515,7 @@ def _sha256(path: Path) -> str:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+    atomic_write(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
 def _versions() -> dict[str, str]:
