@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing
-import os
 import random
 import re
-import time
 from pathlib import Path
 
 import pytest
@@ -524,106 +521,6 @@ def test_training_registers_the_adapter_with_a_key(llama_dir, memo_json, tmp_pat
     assert stored["lora_path"] == "../adapters/memo"  # absolute in, relative to the config out
     (entry,) = json.loads(pool_path.read_text())
     assert entry["description"] == "replaced"
-
-
-def test_register_adds_replaces_and_keeps_other_entries(tmp_path):
-    config = tmp_path / "pool.json"
-    register_adapter(config, {"lora_name": "a", "lora_path": str(tmp_path / "a"), "task": "x"})
-    register_adapter(config, {"lora_name": "b", "lora_path": str(tmp_path / "b")})
-    register_adapter(config, {"lora_name": "a", "lora_path": str(tmp_path / "a2")})
-    entries = json.loads(config.read_text())
-    assert [e["lora_name"] for e in entries] == ["a", "b"]  # replaced in place
-    assert entries[0] == {"lora_name": "a", "lora_path": "a2"}  # a replacement drops the old fields
-    with pytest.raises(ValueError, match="lora_path"):
-        register_adapter(config, {"lora_name": "c"})
-
-
-def test_register_leaves_an_invalid_config_untouched(tmp_path):
-    config = write(tmp_path / "pool.json", '[{"lora_name": "a", "lora_path": "a"},')
-    with pytest.raises(ValueError, match="not valid JSON"):
-        register_adapter(config, {"lora_name": "b", "lora_path": "b"})
-    assert config.read_text() == '[{"lora_name": "a", "lora_path": "a"},'
-
-
-def _temp_files(folder: Path) -> list[str]:
-    return [p.name for p in folder.iterdir() if p.name.endswith(".tmp")]
-
-
-@pytest.mark.parametrize("fail_in", ["fsync", "replace"])
-def test_crash_while_writing_keeps_the_old_config(tmp_path, monkeypatch, fail_in):
-    config = tmp_path / "pool.json"
-    register_adapter(config, {"lora_name": "a", "lora_path": str(tmp_path / "a")})
-    before = config.read_bytes()
-    real = getattr(os, fail_in)
-    written: list[list[dict]] = []
-
-    def crash(*args):
-        if fail_in == "replace":
-            written.append(json.loads(Path(args[0]).read_text()))  # the temp file is complete...
-        raise OSError("simulated crash")  # ...but never moved into place
-
-    monkeypatch.setattr(os, fail_in, crash)
-    with pytest.raises(OSError, match="simulated crash"):
-        register_adapter(config, {"lora_name": "b", "lora_path": str(tmp_path / "b")})
-    monkeypatch.setattr(os, fail_in, real)
-    assert config.read_bytes() == before and _temp_files(tmp_path) == []
-    if fail_in == "replace":
-        assert [e["lora_name"] for e in written[0]] == ["a", "b"]
-    register_adapter(config, {"lora_name": "b", "lora_path": str(tmp_path / "b")}, lock_timeout=5)  # unlocked
-    assert [e["lora_name"] for e in json.loads(config.read_text())] == ["a", "b"]
-
-
-def _killed_mid_write(config: str) -> None:
-    """Child process: die (no cleanup, no unlock) after the temp file is written, before os.replace."""
-    os.replace = lambda *args: os._exit(3)
-    register_adapter(config, {"lora_name": "b", "lora_path": "b"})
-
-
-def test_killed_writer_leaves_the_old_config_and_releases_the_lock(tmp_path):
-    config = tmp_path / "pool.json"
-    register_adapter(config, {"lora_name": "a", "lora_path": str(tmp_path / "a")})
-    before = config.read_bytes()
-    process = multiprocessing.get_context("fork").Process(target=_killed_mid_write, args=(str(config),))
-    process.start()
-    process.join(30)
-    assert process.exitcode == 3
-    assert config.read_bytes() == before
-    register_adapter(config, {"lora_name": "c", "lora_path": str(tmp_path / "c")}, lock_timeout=5)
-    assert [e["lora_name"] for e in json.loads(config.read_text())] == ["a", "c"]
-
-
-def _register_many(config: str, who: str, rounds: int) -> None:
-    folder = Path(config).parent
-    for i in range(rounds):
-        register_adapter(config, {"lora_name": f"{who}-{i}", "lora_path": str(folder / f"{who}-{i}")})
-        register_adapter(config, {"lora_name": who, "lora_path": str(folder / who), "round": i})
-
-
-def test_concurrent_registrations_all_survive_and_the_json_is_always_valid(tmp_path):
-    config = tmp_path / "pool.json"
-    rounds = 40
-    context = multiprocessing.get_context("fork")  # the children only run json / fcntl code
-    workers = [context.Process(target=_register_many, args=(str(config), who, rounds)) for who in ("x", "y")]
-    for worker in workers:
-        worker.start()
-    reads = 0
-    deadline = time.monotonic() + 60
-    while any(w.is_alive() for w in workers) and time.monotonic() < deadline:
-        if config.exists():
-            json.loads(config.read_text())  # never a partial file
-            reads += 1
-    for worker in workers:
-        worker.join(30)
-        assert worker.exitcode == 0
-    entries = json.loads(config.read_text())
-    names = [e["lora_name"] for e in entries]
-    expected = {f"{who}-{i}" for who in ("x", "y") for i in range(rounds)} | {"x", "y"}
-    assert len(names) == len(set(names)) and set(names) == expected  # nothing lost, nothing doubled
-    assert {e["lora_name"]: e.get("round") for e in entries if e["lora_name"] in ("x", "y")} == {
-        "x": rounds - 1,
-        "y": rounds - 1,
-    }
-    assert reads > 0 and _temp_files(tmp_path) == []
 
 
 # ---------------------------------------------------------------------------------------------- real model
