@@ -347,14 +347,6 @@ class LoraPair:
     def r(self) -> int:
         return int(self.lora_A.shape[0])
 
-    @property
-    def in_features(self) -> int:
-        return int(self.lora_A.shape[1])
-
-    @property
-    def out_features(self) -> int:
-        return int(self.lora_B.shape[0])
-
 
 def pair_lora_weights(
     state: Mapping[str, torch.Tensor], *, adapter_name: str | None = None, source: str = "the state dict"
