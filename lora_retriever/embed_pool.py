@@ -10,7 +10,6 @@ registered while the keys were being built are kept.
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
 import random
@@ -224,36 +223,10 @@ def _record_key_paths(config_path: Path, key_paths: dict[str, Path], lock_timeou
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--pool", required=True, action="append", help="pool config JSON (repeatable)")
-    parser.add_argument("--samples", type=int, default=20, help="samples embedded per adapter (default 20)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for choosing the samples")
-    parser.add_argument("--only", nargs="*", default=None, help="only these adapter names")
-    parser.add_argument("--embedder", default="sentence-transformers", help="embedder backend")
-    parser.add_argument("--embedder_path", default=None, help="local embedder dir (default: packaged MiniLM)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--quiet", action="store_true")
-    args = parser.parse_args(argv)
-    if args.samples < 1:
-        parser.error(f"--samples must be >= 1, got {args.samples}")
-    from lora_retriever.embedders import EmbedderConfig, get_embedder
+    """``python -m lora_retriever.embed_pool``: the ``lora-retriever-embed-pool`` command."""
+    from lora_retriever.cli.embed_pool import main as cli_main
 
-    embedder = get_embedder(
-        EmbedderConfig(backend=args.embedder, model_path=args.embedder_path, device=args.device)
-    )
-    for config in args.pool:
-        pool = embed_pool(
-            config,
-            embedder,
-            num_samples=args.samples,
-            seed=args.seed,
-            names=args.only,
-            progress=not args.quiet,
-        )
-        print(f"{config}: {len(pool)} adapter keys ({embedder.model_id}, dim {embedder.dim})")
-    return 0
+    return cli_main(argv)
 
 
 if __name__ == "__main__":
