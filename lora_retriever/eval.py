@@ -13,7 +13,6 @@ Works on the demo pool (``make demo`` builds it): one model load, one embedding 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -188,36 +187,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--pool", default="data/demo/pool/pool.json", help="pool config (built by make demo)")
-    parser.add_argument("--test_data", default="data/demo/tasks/test_mixed.jsonl")
-    parser.add_argument(
-        "--test_alt",
-        default="data/demo/tasks/test_mixed_alt.jsonl",
-        help="the differently worded queries ('' to skip)",
-    )
-    parser.add_argument("--model_type", default="smollm2-135m-instruct")
-    parser.add_argument("--model_path", default=None)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--top_k", type=int, default=3)
-    parser.add_argument("--num_samples", type=int, default=None)
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--max_new_tokens", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output_dir", default="outputs/paper_protocol")
-    args = parser.parse_args(argv)
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    result = run(args)
-    table = markdown_table(result)
-    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "table.md").write_text(table)
-    plot(result, out / "results.png")
-    print(table)
-    print(f"written: {out / 'table.md'}, {out / 'results.json'}, {out / 'results.png'}")
-    return 0
+    """``python -m lora_retriever.eval``: the ``lora-retriever-eval`` command (flags: ``PaperEvalConfig``)."""
+    from lora_retriever.cli.eval import main as cli_main
+
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

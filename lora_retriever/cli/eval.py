@@ -1,0 +1,108 @@
+"""The LoraRetriever paper's protocol on a pool (``lora_retriever.eval``): every method, in and out of domain.
+
+    lora-retriever-eval --pool data/demo/pool/pool.json --test_data data/demo/tasks/test_mixed.jsonl
+
+Writes table.md, results.json and results.png to --output_dir (together, when the run is complete); the
+defaults are the pool and test sets ``make demo`` builds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from lora_retriever.cli.args import add_config_arguments, config_from_args
+from lora_retriever.cli.errors import add_common_flags, run_cli
+from swift.llm.model import DEFAULT_MODEL_TYPE, MODEL_TYPE_CHOICES
+
+__all__ = ["PaperEvalConfig", "build_parser", "main"]
+
+
+def _methods() -> list[str]:
+    from lora_retriever.eval import METHODS
+
+    return list(METHODS)
+
+
+@dataclass
+class PaperEvalConfig:
+    """Settings of ``lora_retriever.eval.run``; each field's ``help`` is its flag's help."""
+
+    pool: str = field(
+        default="data/demo/pool/pool.json", metadata={"help": "pool config (make demo builds it)"}
+    )
+    test_data: str = field(
+        default="data/demo/tasks/test_mixed.jsonl", metadata={"help": "mixed-task test set"}
+    )
+    test_alt: str | None = field(
+        default="data/demo/tasks/test_mixed_alt.jsonl",
+        metadata={"help": "the same items, worded differently, for the retriever's accuracy ('' to skip)"},
+    )
+    model_type: str = field(
+        default=DEFAULT_MODEL_TYPE, metadata={"help": "base model type", "choices": MODEL_TYPE_CHOICES}
+    )
+    model_path: str | None = field(
+        default=None, metadata={"help": "local model directory (not needed for the default)"}
+    )
+    methods: list[str] = field(
+        default_factory=_methods, metadata={"help": "table columns (methods) to run", "choices": _methods}
+    )
+    top_k: int = field(default=3, metadata={"help": "adapters per sample for mixture and fusion"})
+    num_samples: int | None = field(default=None, metadata={"help": "only the first N test samples"})
+    batch_size: int = field(default=16, metadata={"help": "samples generated per batch"})
+    max_new_tokens: int = field(default=16, metadata={"help": "generation limit per answer"})
+    seed: int = field(default=0, metadata={"help": "torch seed"})
+    output_dir: str = field(
+        default="outputs/paper_protocol", metadata={"help": "where table.md, results.json and results.png go"}
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("top_k", "batch_size", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_samples is not None and self.num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_config_arguments(parser, PaperEvalConfig)
+    add_common_flags(parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(build_parser(), _evaluate, argv)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from lora_retriever.eval import markdown_table, plot, run
+    from swift.utils.files import atomic_write_together, ensure_writable_dir
+
+    config = config_from_args(PaperEvalConfig, args)
+    # Validate before working: the output folder, and matplotlib for the plot written at the very end.
+    out = ensure_writable_dir(config.output_dir, argument="output_dir")
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ImportError("the results plot needs matplotlib: pip install matplotlib (or the [plots] extra)")
+    result = run(config)
+    table = markdown_table(result)
+    atomic_write_together(
+        {
+            out / "results.json": json.dumps(result, indent=2) + "\n",
+            out / "table.md": table,
+            out / "results.png": lambda f: plot(result, f),
+        }
+    )
+    print(table)
+    print(f"written: {out / 'table.md'}, {out / 'results.json'}, {out / 'results.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
