@@ -28,7 +28,7 @@ from lora_retriever.pool_config import (
     resolve_config_path,
 )
 from swift.utils import get_logger
-from swift.utils.files import atomic_write
+from swift.utils.files import atomic_write_together
 
 logger = get_logger(__name__)
 
@@ -106,11 +106,12 @@ def build_key(
 
 
 def write_key(path: str | Path, key: np.ndarray, meta: dict[str, Any]) -> None:
-    """Write the key ``path`` (``.npy``) and its ``.meta.json``, each atomically with normal permissions."""
+    """Write the key ``path`` (``.npy``) and its ``.meta.json`` together, atomically, with normal permissions."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda f: np.save(f, key))
-    atomic_write(key_meta_path(path), json.dumps(meta, indent=2) + "\n")
+    atomic_write_together(
+        {path: lambda f: np.save(f, key), key_meta_path(path): json.dumps(meta, indent=2) + "\n"}
+    )
 
 
 def embed_key(
@@ -166,7 +167,9 @@ def embed_pool(
     pool = AdapterPool.from_configs(config_path, require_keys=False)
     unknown = sorted(set(names or ()) - set(pool.names))
     if unknown:
-        raise ValueError(f"--only names {unknown} are not in {config_path}; its adapters: {pool.names}")
+        raise ValueError(
+            f"adapter names {unknown} (--only) are not in {config_path}; its adapters: {pool.names}"
+        )
     todo = [e for e in pool if names is None or e.lora_name in names]
     problems, samples = [], {}
     for entry in todo:
@@ -177,6 +180,9 @@ def embed_pool(
             samples[entry.lora_name] = read_sample_texts(entry.samples_path)
         except (OSError, UnicodeDecodeError, ValueError) as err:
             problems.append(f"{entry.lora_name!r}: {err}")
+            continue
+        if not samples[entry.lora_name]:
+            problems.append(f"{entry.lora_name!r}: samples file {entry.samples_path} holds no records")
     if problems:
         raise ValueError(
             f"cannot build the keys of {config_path}:\n" + "\n".join(f"  - {p}" for p in problems)

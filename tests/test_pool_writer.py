@@ -380,20 +380,22 @@ def test_embed_pool_keeps_a_registration_made_while_it_runs(tmp_path, minilm, um
 
 def test_embed_pool_checks_every_entry_before_embedding(tmp_path):
     config = tmp_path / "pool.json"
-    for name in ("a", "b", "c"):
+    for name in ("a", "b", "c", "d"):
         write_adapter_dir(tmp_path / "adapters" / name)
     (tmp_path / "c.jsonl").write_text('{"output": "no input"}\n')
+    (tmp_path / "d.jsonl").write_text("\n")
     entries = [
         {"lora_name": "a", "lora_path": "adapters/a"},
         {"lora_name": "b", "lora_path": "adapters/b", "samples_path": "missing.jsonl"},
         {"lora_name": "c", "lora_path": "adapters/c", "samples_path": "c.jsonl"},
+        {"lora_name": "d", "lora_path": "adapters/d", "samples_path": "d.jsonl"},
     ]
     config.write_text(json.dumps(entries))
     with pytest.raises(ValueError) as err:
         embed_pool(config, embedder=None, progress=False)  # fails before the embedder is used
     text = str(err.value)
     assert "'a' has no samples_path" in text and "missing.jsonl does not exist" in text
-    assert "c.jsonl record line1: no 'input'" in text
-    with pytest.raises(ValueError, match=r"--only names \['z'\] are not in"):
+    assert "c.jsonl record line1: no 'input'" in text and "d.jsonl holds no records" in text
+    with pytest.raises(ValueError, match=r"adapter names \['z'\] \(--only\) are not in"):
         embed_pool(config, embedder=None, names=["a", "z"], progress=False)
     assert json.loads(config.read_text()) == entries
