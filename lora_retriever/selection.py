@@ -90,8 +90,8 @@ def select_adapters(
             (``selection`` is always weight 1, ``uniform_all`` always 1/N).
 
     Raises:
-        ValueError: unknown method, a retrieval method without ``retriever``/``vectors``, or ``vectors``/
-            ``tasks`` of a different length.
+        ValueError: unknown method, a retrieval method without ``retriever``/``vectors``, ``vectors``/
+            ``tasks`` of a different length, or ``oracle`` with ``ood``.
     """
     kind = SELECTION_METHODS.get(method)
     if kind is None:
@@ -101,6 +101,11 @@ def select_adapters(
         raise ValueError(f"{len(vectors)} query vectors for {n} samples; give one per sample")
     if kind == "none":
         return [[] for _ in range(n)]
+    if kind == "own" and ood:
+        raise ValueError(
+            "method 'oracle' with ood=True would exclude the only adapter it composes; out-of-domain runs are "
+            "meaningful for the retrieval methods and uniform_all (drop --ood, or pick another method)."
+        )
     own = [task_adapter(pool, task) for task in tasks]
     sims = None
     if vectors is not None and kind in ("own", "all"):
