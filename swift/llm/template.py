@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from swift.llm.model import MODEL_TYPES
 from swift.utils import get_logger
 
 logger = get_logger(__name__)
@@ -176,7 +177,7 @@ class ChatTemplate(Template):
         if images:
             raise ValueError(
                 f"model_type {self.model_type!r} is a text-only model but the query came with {len(images)} "
-                "image(s); use a VLM model_type (qwen2-vl, qwen2.5-vl, internvl, llava) for images."
+                f"image(s); use a VLM model_type ({', '.join(_vlm_types())}) for images."
             )
         text = segments[0]
         if not self._uses_chat_template():
@@ -285,6 +286,10 @@ class VisionChatTemplate(Template):
 TEMPLATES: dict[str, type[Template]] = {}
 
 
+def _vlm_types() -> list[str]:
+    return [t for t, info in MODEL_TYPES.items() if info.is_multimodal and not info.needs_remote_code]
+
+
 def register_template(model_type: str, template_cls: type[Template]) -> None:
     """Register the ``Template`` subclass used for ``model_type`` (replaces an earlier registration)."""
     if not (isinstance(template_cls, type) and issubclass(template_cls, Template)):
@@ -292,12 +297,11 @@ def register_template(model_type: str, template_cls: type[Template]) -> None:
     TEMPLATES[model_type] = template_cls
 
 
-for _text_type in ("smollm2-135m-instruct", "llama", "qwen2", "causal-lm"):
-    register_template(_text_type, ChatTemplate)
-# Not "internvl2": the original checkpoints ship no processor (their remote code tiles images itself); use
-# the "-hf" conversion with model_type "internvl".
-for _vlm_type in ("qwen2-vl", "qwen2.5-vl", "internvl", "llava"):
-    register_template(_vlm_type, VisionChatTemplate)
+# One template per model type of swift.llm.MODEL_TYPES, but not the remote-code checkpoints (internvl2): they
+# ship no processor (their own code tiles images); use the "-hf" conversion with model_type "internvl".
+for _info in MODEL_TYPES.values():
+    if not _info.needs_remote_code:
+        register_template(_info.model_type, VisionChatTemplate if _info.is_multimodal else ChatTemplate)
 
 
 def get_template(model_type: str, tokenizer_or_processor: Any, *, system: str | None = None) -> Template:
