@@ -200,7 +200,8 @@ def lone_layer() -> LoraLinear:
     return layer
 
 
-def test_2d_and_3d_activations_and_row_index(lone_layer):
+@pytest.mark.parametrize("kernel", ["auto", "union", "gather"])
+def test_2d_and_3d_activations_and_row_index(lone_layer, kernel):
     names = [f"n{j}" for j in range(4)]
     weights = torch.tensor([[0.7, 0.0, 0.3, 0.0], [0.0, 1.0, 0.0, -0.5]])
     rows = [dict(zip(names, w)) for w in weights.tolist()]
@@ -208,11 +209,15 @@ def test_2d_and_3d_activations_and_row_index(lone_layer):
     x2 = torch.randn(2, 16)
     x_rows = torch.randn(7, 16)  # e.g. image patches: rows 0-3 from sample 1, rows 4-6 from sample 0
     row_sample = torch.tensor([1, 1, 1, 1, 0, 0, 0])
+    assert mixture_kernels() == {}  # outside any context
     with torch.no_grad():
-        with lora_mixture_context(weights, names):
+        with lora_mixture_context(weights, names, kernel=kernel):
             y3, y2 = lone_layer(x3), lone_layer(x2)
-        with lora_mixture_context(weights, names, row_index={"blocks": row_sample}):
+            ran = mixture_kernels()["blocks.0.fc"]
+        with lora_mixture_context(weights, names, row_index={"blocks": row_sample}, kernel=kernel):
             y_rows = lone_layer(x_rows)
+            assert mixture_kernels() == {"blocks.0.fc": "union"}  # rows aren't samples: only union applies
+        assert ran in ("union", "gather") if kernel == "auto" else ran == kernel
         base = lone_layer.base_layer
         for i in range(2):
             assert (y3[i] - base(x3[i]) - manual_delta(lone_layer, x3[i], rows[i])).abs().max() <= TOL
@@ -220,31 +225,6 @@ def test_2d_and_3d_activations_and_row_index(lone_layer):
         for j, s in enumerate(row_sample.tolist()):
             expected = base(x_rows[j]) + manual_delta(lone_layer, x_rows[j], rows[s])
             assert (y_rows[j] - expected).abs().max() <= TOL
-
-
-def test_forced_kernels_agree_and_vision_rows_always_run_union(lone_layer):
-    """Both forced kernels give the manual sum; rows that are not samples (row_index) can only run union."""
-    names = [f"n{j}" for j in range(4)]
-    weights = torch.tensor([[0.7, 0.0, 0.3, 0.0], [0.0, 1.0, 0.0, -0.5]])
-    rows = [dict(zip(names, w)) for w in weights.tolist()]
-    x3 = torch.randn(2, 5, 16)
-    x_rows = torch.randn(3, 16)
-    row_sample = torch.tensor([1, 0, 1])
-    base = lone_layer.base_layer
-    assert mixture_kernels() == {}  # outside any context
-    with torch.no_grad():
-        for kernel in ("union", "gather"):
-            with lora_mixture_context(weights, names, kernel=kernel):
-                y3 = lone_layer(x3)
-                assert mixture_kernels() == {"blocks.0.fc": kernel}
-            for i in range(2):
-                assert (y3[i] - base(x3[i]) - manual_delta(lone_layer, x3[i], rows[i])).abs().max() <= TOL
-            with lora_mixture_context(weights, names, row_index={"blocks": row_sample}, kernel=kernel):
-                y_rows = lone_layer(x_rows)
-                assert mixture_kernels() == {"blocks.0.fc": "union"}
-            for j, s in enumerate(row_sample.tolist()):
-                expected = base(x_rows[j]) + manual_delta(lone_layer, x_rows[j], rows[s])
-                assert (y_rows[j] - expected).abs().max() <= TOL
 
 
 def test_repeated_samples_follow_their_routing(lone_layer):
@@ -284,6 +264,11 @@ def test_only_used_adapters_are_read():
         assert cache.plan.union_rows.tolist() == expected_rows  # two adapters of rank 4, nothing else
         assert cache.a_sel.shape == (3, 8, 4)  # gather kernel: [batch, in, L] with L = one adapter's rank
     assert routing.used_names() == ["p5", "p40"]
+    with torch.no_grad(), lora_mixture_context(weights, names, kernel="union"):
+        layer(torch.randn(3, 1, 8))
+        cache = lora_layers._MIXTURE.get().layers[id(layer)]
+        assert cache.a_sel is None and cache.a_union.shape == (8, 8)  # forced union: [R_U, in], no gather
+        assert mixture_kernels() == {"fc": "union"}
 
 
 def test_threads_get_their_own_routing(pool):
