@@ -13,8 +13,10 @@ from torch import nn
 from swift.tuners import LoraLinear, LoraRouting, Swift, lora_layers, lora_mixture_context
 from swift.tuners.lora_layers import mixture_kernels
 from tests.factories import VOCAB, make_lora_dir, tiny_causal_lm
+from tests.tolerances import SAME_SHAPES_ATOL, assert_close
 
-TOL = 1e-5
+# Same ops on same shapes (tiny models, O(1) values): the strict bound of tests/tolerances.py.
+TOL = SAME_SHAPES_ATOL
 
 # Three adapters with different ranks, alphas, rsLoRA-free, and different target modules.
 POOL_SPECS = {
@@ -84,7 +86,8 @@ def test_mixed_batch_rows_equal_peft_cat(pool, kernel):
     reference = peft_pool(base, dirs)
     for i, row in enumerate(WEIGHTS.tolist()):
         expected = peft_cat_logits(reference, row, input_ids[i : i + 1], tag=f"row{i}")
-        assert (mixed[i : i + 1] - expected).abs().max().item() <= TOL, f"row {i} ({kernel})"
+        # a row of the batch vs the sample alone: different GEMM shapes (tests/tolerances.py)
+        assert_close(mixed[i : i + 1], expected, same_shapes=False, what=f"row {i} ({kernel})")
 
 
 def test_one_hot_equals_single_peft_adapter_and_zero_equals_base(pool):
@@ -99,7 +102,7 @@ def test_one_hot_equals_single_peft_adapter_and_zero_equals_base(pool):
         for i, name in enumerate(NAMES):
             single = PeftModel.from_pretrained(copy.deepcopy(base), str(dirs[name])).eval()
             expected = single(input_ids=input_ids[i : i + 1]).logits
-            assert (one_hot[i : i + 1] - expected).abs().max().item() <= TOL
+            assert_close(one_hot[i : i + 1], expected, same_shapes=False, what=name)  # batch row vs alone
     assert torch.equal(zero, base_logits)
 
 
@@ -180,7 +183,7 @@ def test_decode_steps_keep_routing(pool):
         )
         full = model(input_ids=out.sequences[:, :-1]).logits[:, input_ids.shape[1] - 1 :]
     steps = torch.stack(out.logits, dim=1)
-    assert (steps - full).abs().max().item() <= 1e-4
+    assert_close(steps, full, same_shapes=False, what="decode steps vs full forward")  # T=1 vs T=n GEMMs
 
 
 def manual_delta(layer: LoraLinear, x: torch.Tensor, row_weights: dict[str, float]) -> torch.Tensor:
@@ -198,6 +201,11 @@ def lone_layer() -> LoraLinear:
     for j, r in enumerate((2, 4, 3, 5)):
         layer.add_adapter(f"n{j}", 0.1 * torch.randn(r, 16), 0.1 * torch.randn(12, r), scaling=0.5 + j)
     return layer
+
+
+# Layer-level tests below compare a batched layer call with per-row references on one 16 -> 12 layer: the
+# shapes differ but a single GEMM with K=16 on O(1) values rounds within a few ulps on any CPU, so the strict
+# bound holds.
 
 
 @pytest.mark.parametrize("kernel", ["auto", "union", "gather"])
@@ -330,7 +338,7 @@ def test_rslora_and_mixed_scalings_against_merged_weights(tmp_path):
                     lora_A, lora_B = layer.lora_weights(name)
                     target.weight += weights[i, j] * layer.slots[name].scaling * (lora_B @ lora_A)
             expected = merged(input_ids=input_ids[i : i + 1]).logits
-        assert (mixed[i : i + 1] - expected).abs().max().item() <= TOL
+        assert_close(mixed[i : i + 1], expected, same_shapes=False, what=f"row {i}")  # batch row vs alone
     assert layers["model.layers.0.self_attn.q_proj"].slots["r1"].scaling == pytest.approx(16 / 2)
 
 

@@ -132,6 +132,10 @@ class LoraRouting:
         dense.index_put_((rows[valid], self.indices[valid]), self.weights[valid], accumulate=True)
         return dense
 
+    def rows(self, start: int, stop: int) -> LoraRouting:
+        """The routing of samples ``start:stop`` (same adapter names; already validated, so not re-checked)."""
+        return LoraRouting(self.adapter_names, self.indices[start:stop], self.weights[start:stop])
+
     def used_names(self) -> list[str]:
         """Names of the adapters with a non-zero weight somewhere in the batch, in column order."""
         used = torch.unique(self.indices[(self.indices >= 0) & (self.weights != 0)])
