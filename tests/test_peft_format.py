@@ -287,6 +287,13 @@ def test_failed_write_leaves_nothing(adapter, tmp_path):
     with pytest.raises(RuntimeError, match="disk full"):
         write_adapter_dir(root / "out", state, extra_files={"meta.json": fail})
     assert list(root.iterdir()) == []
+    existing = root / "existing"
+    existing.mkdir()
+    (existing / SAFETENSORS_NAME).write_bytes(b"old")
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_adapter_dir(existing, state, {"peft_type": "LORA"}, extra_files={"meta.json": fail})
+    assert [p.name for p in existing.iterdir()] == [SAFETENSORS_NAME]  # no temporaries, no new config
+    assert (existing / SAFETENSORS_NAME).read_bytes() == b"old"  # all written first, then all renamed
     (root / "file").write_text("x")
     with pytest.raises(NotADirectoryError, match="is a file"):
         write_adapter_dir(root / "file", state)

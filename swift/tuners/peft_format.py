@@ -41,7 +41,7 @@ from typing import Any, Literal
 import torch
 
 from swift.utils import get_logger
-from swift.utils.files import atomic_write, fsync_dir, temp_name
+from swift.utils.files import atomic_write_together, fsync_dir, temp_name
 
 logger = get_logger(__name__)
 
@@ -648,8 +648,9 @@ def write_adapter_dir(
     """Write ``adapter_model.safetensors`` (+ ``adapter_config.json`` if given, + ``extra_files``) atomically.
 
     A new ``out_dir`` is built under a temporary name beside it and renamed into place when complete; in an
-    existing directory each file is written to a temporary name and renamed over the old one (other files
-    are left alone, as ``PeftModel.save_pretrained`` does). A crash never leaves a half-written file.
+    existing directory all files are first written under temporary names, then renamed over the old ones
+    (other files are left alone, as ``PeftModel.save_pretrained`` does). A crash never leaves a half-written
+    file, and a failure while writing changes none of them.
     Tensors are made contiguous and unshared (safetensors refuses shared storage).
 
     Args:
@@ -676,15 +677,13 @@ def write_adapter_dir(
         config = adapter_config.to_dict() if isinstance(adapter_config, LoraAdapterConfig) else adapter_config
         files[CONFIG_NAME] = json.dumps(dict(config), indent=2, sort_keys=True) + "\n"
     if out.is_dir():
-        for name, data in files.items():
-            atomic_write(out / name, data)
+        atomic_write_together({out / name: data for name, data in files.items()})
     else:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = temp_name(out)
         try:
             tmp.mkdir()
-            for name, data in files.items():
-                atomic_write(tmp / name, data)
+            atomic_write_together({tmp / name: data for name, data in files.items()})
             os.replace(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
