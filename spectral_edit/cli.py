@@ -19,16 +19,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from lora_retriever.cli.errors import add_common_flags, run_cli
 from spectral_edit.edit import EDIT_MODES, GD_UPDATES, GRAD_NORMS, EditConfig
+from swift.llm.model import DEFAULT_MODEL_TYPE, MODEL_TYPE_CHOICES
 
 __all__ = ["build_parser", "main"]
 
-DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
 EVAL_OUTPUT_NAME = "eval_{stem}.json"
 
 
@@ -42,25 +41,19 @@ def _positive_int(text: str) -> int:
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--base_model",
-        default=DEFAULT_BASE_MODEL,
-        help=f"local model directory or a swift.llm model type (default: {DEFAULT_BASE_MODEL}, packaged).",
+        default=DEFAULT_MODEL_TYPE,
+        help=f"local model directory or a swift.llm model type (default: {DEFAULT_MODEL_TYPE}, packaged).",
     )
     parser.add_argument(
         "--model_type",
         default="auto",
+        choices=MODEL_TYPE_CHOICES,
         help="swift.llm model type of a --base_model directory (default: auto).",
     )
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu).")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch CPU threads (default: 1, stable on shared CPUs; 0 keeps torch's default).",
-    )
     parser.add_argument("--no_progress", action="store_true", help="hide progress bars.")
-    verbosity = parser.add_mutually_exclusive_group()
-    verbosity.add_argument("--verbose", action="store_true", help="debug logging.")
-    verbosity.add_argument("--quiet", action="store_true", help="warnings and errors only.")
+    # --verbose / --quiet / --debug, and --threads (1 here: stable on shared CPUs; 0 keeps torch's default).
+    add_common_flags(parser, threads=1)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--match",
         choices=("exact", "normalized"),
         default="exact",
-        help="exact (stripped) or normalized (also case, spaces, trailing .!?) match (default: exact).",
+        help="exact (stripped text) or normalized (the project's exact-match rule, lora_retriever.metrics.normalize_answer) (default: exact).",
     )
     ev.add_argument(
         "--output",
@@ -149,18 +142,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="result JSON (default: <lora_dir>/eval_<test file stem>.json; required without --lora_dir).",
     )
     return parser
-
-
-def _setup_logging(args: argparse.Namespace) -> None:
-    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    for name in ("spectral_edit", "swift"):
-        logger = logging.getLogger(name)
-        if not logger.handlers:
-            logger.addHandler(handler)
-            logger.propagate = False
-        logger.setLevel(level)
 
 
 def _edit(args: argparse.Namespace) -> int:
@@ -193,7 +174,7 @@ def _edit(args: argparse.Namespace) -> int:
         adapter_name=args.adapter_name,
         device=args.device,
         overwrite=args.overwrite,
-        progress=not args.no_progress,
+        progress=not (args.no_progress or args.quiet),
     )
     meta = run_edit(job)
     changed = sum(m["sigma_before"] != m["sigma_after"] for m in meta["modules"].values())
@@ -225,7 +206,7 @@ def _eval(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         match=args.match,
         device=args.device,
-        progress=not args.no_progress,
+        progress=not (args.no_progress or args.quiet),
     )
     result = evaluate(job)
     summary = {k: result[k] for k in ("accuracy", "correct", "count")}
@@ -234,15 +215,10 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse ``argv`` and run the subcommand; user errors print one line and return 2."""
-    args = build_parser().parse_args(argv)
-    _setup_logging(args)
-    if args.threads > 0:
-        import torch
+    """Parse ``argv`` and run the subcommand; user errors print one ``error:`` line and return 2
+    (``lora_retriever.cli.errors.run_cli``, like every entry point of the project)."""
+    return run_cli(build_parser(), _run, argv)
 
-        torch.set_num_threads(args.threads)
-    try:
-        return _edit(args) if args.command == "edit" else _eval(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+
+def _run(args: argparse.Namespace) -> int:
+    return _edit(args) if args.command == "edit" else _eval(args)
