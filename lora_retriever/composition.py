@@ -95,8 +95,23 @@ class Composer:
         """One answer per query; ``selections[i]`` are query i's adapters with weights (may be empty).
 
         ``on_error="isolate"``: a query that fails gets ``""`` and its error in ``Answers.errors``.
+
+        Raises:
+            ValueError: not one selection per query, or a selected adapter that is not in the pool.
         """
+        if len(selections) != len(queries):
+            raise ValueError(f"{len(selections)} selections for {len(queries)} queries; give one per query")
+        try:
+            return self._run(queries, images, self.route(selections), on_error)
+        finally:
+            self.after_call()
+
+    def route(self, selections: Sequence[Selection]) -> LoraRouting:
+        """The routing over adapters loaded in ``self.model`` that realises ``selections`` (loads what's needed)."""
         raise NotImplementedError
+
+    def after_call(self) -> None:
+        """Housekeeping once a ``generate`` call has finished (or failed)."""
 
     def _run(self, queries, images, routing: LoraRouting, on_error: str) -> Answers:
         from swift.llm import inference
@@ -126,26 +141,13 @@ class Composer:
         )
 
 
-def _check_lengths(queries: Sequence[str], selections: Sequence[Selection]) -> None:
-    if len(selections) != len(queries):
-        raise ValueError(f"{len(selections)} selections for {len(queries)} queries; give one per query")
-
-
 class MixtureComposer(Composer):
     """Per-sample weighted mixture of each sample's retrieved adapters, in one batched ``generate``."""
 
-    def generate(
-        self,
-        queries: Sequence[str],
-        selections: Sequence[Selection],
-        images: Sequence[Any] | None = None,
-        *,
-        on_error: str = "raise",
-    ) -> Answers:
-        _check_lengths(queries, selections)
+    def route(self, selections: Sequence[Selection]) -> LoraRouting:
         routing = routing_from_selections(selections, self.pool.names)
         self.ensure_loaded(routing.adapter_names)
-        return self._run(queries, images, routing, on_error)
+        return routing
 
 
 class FusionComposer(Composer):
@@ -201,25 +203,18 @@ class FusionComposer(Composer):
         base = getattr(getattr(self.model, "config", None), "name_or_path", None)
         return fused.save(out_dir, base_model_name_or_path=base)
 
-    def generate(
-        self,
-        queries: Sequence[str],
-        selections: Sequence[Selection],
-        images: Sequence[Any] | None = None,
-        *,
-        on_error: str = "raise",
-    ) -> Answers:
-        _check_lengths(queries, selections)
+    def route(self, selections: Sequence[Selection]) -> LoraRouting:
+        """Each sample routes, with weight 1, to the fused adapter of its selection (built or cached)."""
         keys = [self.selection_key(sel) for sel in selections]
         fused_names = {key: self._get(key, sel)[0] for key, sel in zip(keys, selections) if key}
-        one_hot = [
-            [RetrievedAdapter(fused_names[key], 1.0, float("nan"))] if key else [] for key in keys
-        ]  # each sample routes to its own fused adapter, weight 1
-        order = [name for name, _ in self._fused.values()]
-        try:
-            return self._run(queries, images, routing_from_selections(one_hot, order), on_error)
-        finally:
-            self._evict()
+        one_hot = [[RetrievedAdapter(fused_names[key], 1.0, float("nan"))] if key else [] for key in keys]
+        return routing_from_selections(one_hot, [name for name, _ in self._fused.values()])
+
+    def after_call(self) -> None:
+        """Unload least recently used fused adapters beyond ``cache_size`` (a call keeps all it uses)."""
+        while len(self._fused) > self.cache_size:
+            _, (name, _) = self._fused.popitem(last=False)
+            self.model.delete_adapter(name)
 
     def _get(self, key: tuple, selection: Selection) -> tuple[str, Any]:
         if key in self._fused:
@@ -244,9 +239,3 @@ class FusionComposer(Composer):
         self.model.set_active_adapters(None)
         self._fused[key] = (name, fused)
         return self._fused[key]
-
-    def _evict(self) -> None:
-        """Unload least recently used fused adapters beyond ``cache_size``."""
-        while len(self._fused) > self.cache_size:
-            _, (name, _) = self._fused.popitem(last=False)
-            self.model.delete_adapter(name)
