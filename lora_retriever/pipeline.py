@@ -92,9 +92,9 @@ class InferenceConfig:
     merge_method: str = field(
         default="mixture",
         metadata={
-            "help": "how the retrieved adapters are used: mixture (per-sample weighted sum of their outputs), "
-            "fusion (merged into one adapter, see --combination_type), selection (the top-1), base (no "
-            "adapter), oracle (each sample's own task adapter), uniform_all (every adapter, weight 1/N)",
+            "help": "how adapters are chosen and composed: mixture is the per-sample weighted sum of the top-k "
+            "adapters' outputs, fusion merges them into one adapter (--combination_type); the others are "
+            "described in lora_retriever.selection",
             "choices": MERGE_METHODS,
         },
     )
@@ -197,7 +197,6 @@ def run_inference(config: InferenceConfig) -> dict[str, Any]:
             with_context,
         )
     pool = _load_pool(config)
-    _warn_if_top_k_exceeds_pool(config, pool)
     # Images are decoded once, here, for both retrieval and generation.
     images = [s.load_images() for s in samples] if any(s.images for s in samples) else None
     selections, retrieved = _select(config, pool, samples, images)
@@ -260,21 +259,6 @@ def _load_pool(config: InferenceConfig) -> AdapterPool | None:
     loaded = config.model_path or (SMOLLM2_HUB_ID if config.model_type == DEFAULT_MODEL_TYPE else None)
     pool = AdapterPool.from_configs(paths, defaults=defaults, base_model=loaded)
     return pool.filter("lora_type", config.lora_type)
-
-
-def _warn_if_top_k_exceeds_pool(config: InferenceConfig, pool: AdapterPool | None) -> None:
-    if pool is None or SELECTION_METHODS[config.merge_method] != "topk":
-        return
-    available = len(pool) - 1 if config.ood else len(pool)  # out of domain: the sample's own one is excluded
-    if config.top_k > available:
-        logger.warning(
-            "--top_k %d is above the %d adapters each sample can get (pool of %d%s): every sample gets all %d",
-            config.top_k,
-            available,
-            len(pool),
-            ", --ood" if config.ood else "",
-            available,
-        )
 
 
 def _warn_long_prompts(samples: Sequence[Sample], template: Any, model: Any, max_new_tokens: int) -> None:
