@@ -52,7 +52,9 @@ def configure_logging(*, verbose: bool = False, quiet: bool = False) -> None:
     for name in PACKAGES:
         package_logger = get_logger(name, logging.DEBUG if verbose else logging.INFO)
         for handler in package_logger.handlers:
-            if not isinstance(handler, logging.FileHandler):
+            # The console handler get_logger attached (exactly a StreamHandler: not a FileHandler such as
+            # train.log's, nor another tool's handler subclass, e.g. pytest's capture).
+            if type(handler) is logging.StreamHandler:
                 handler.setLevel(logging.WARNING if quiet else logging.NOTSET)
 
 
