@@ -40,6 +40,13 @@ def _fusion_methods() -> list[str]:
     return available_methods()
 
 
+def _pool_configs(flag: str, help_text: str) -> Any:
+    """A repeatable ``--<flag> CONFIG`` field: a list of pool config paths."""
+    return field(
+        default_factory=list, metadata={"help": f"{help_text} (repeatable)", "flag": flag, "action": "append"}
+    )
+
+
 @dataclass
 class InferenceConfig:
     """Settings of one inference run; each field's ``help`` is also its ``lora-retriever-infer`` flag's help."""
@@ -47,25 +54,10 @@ class InferenceConfig:
     test_data: str = field(
         metadata={"help": "JSONL test set: {id, query, response, images, task} or chat {messages, images}"}
     )
-    pools: list[str] = field(
-        default_factory=list,
-        metadata={"help": "adapter pool config JSON (repeatable)", "flag": "pool", "action": "append"},
-    )
-    app_configs: list[str] = field(
-        default_factory=list,
-        metadata={
-            "help": "pool config whose entries default to lora_type=app (repeatable)",
-            "flag": "app_config",
-            "action": "append",
-        },
-    )
-    category_configs: list[str] = field(
-        default_factory=list,
-        metadata={
-            "help": "pool config whose entries default to lora_type=category (repeatable)",
-            "flag": "category_config",
-            "action": "append",
-        },
+    pools: list[str] = _pool_configs("pool", "adapter pool config JSON")
+    app_configs: list[str] = _pool_configs("app_config", "pool config whose entries default to lora_type=app")
+    category_configs: list[str] = _pool_configs(
+        "category_config", "pool config whose entries default to lora_type=category"
     )
     model_type: str = field(
         default=DEFAULT_MODEL_TYPE,

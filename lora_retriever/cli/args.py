@@ -27,7 +27,7 @@ import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-__all__ = ["add_config_arguments", "config_from_args", "config_kwargs"]
+__all__ = ["add_config_arguments", "command_parser", "config_from_args", "config_kwargs"]
 
 _ArgumentTarget = argparse.ArgumentParser | argparse._ArgumentGroup
 
@@ -75,6 +75,20 @@ def add_config_arguments(
         target.add_argument(f"--{flag}", dest=name, **kwargs)
         added.append(name)
     return added
+
+
+def command_parser(description: str | None, *config_classes: type) -> argparse.ArgumentParser:
+    """An entry point's parser: its module docstring as the description, one flag per field of each config,
+    then the common flags (``--verbose``, ``--quiet``, ``--debug``, ``--threads``)."""
+    from lora_retriever.cli.errors import add_common_flags
+
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    for config_cls in config_classes:
+        add_config_arguments(parser, config_cls)
+    add_common_flags(parser)
+    return parser
 
 
 def config_kwargs(config_cls: type, args: argparse.Namespace) -> dict[str, Any]:

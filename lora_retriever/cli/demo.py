@@ -11,20 +11,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from lora_retriever.cli.args import add_config_arguments, config_from_args
-from lora_retriever.cli.errors import add_common_flags, run_cli
+from lora_retriever.cli.args import command_parser, config_from_args
+from lora_retriever.cli.errors import run_cli
 from lora_retriever.demo import DemoConfig
 
 __all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_config_arguments(parser, DemoConfig)
-    add_common_flags(parser)
-    return parser
+    return command_parser(__doc__, DemoConfig)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

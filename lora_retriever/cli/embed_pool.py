@@ -14,8 +14,8 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from lora_retriever.cli.args import add_config_arguments, config_from_args
-from lora_retriever.cli.errors import add_common_flags, run_cli
+from lora_retriever.cli.args import add_config_arguments, command_parser, config_from_args
+from lora_retriever.cli.errors import run_cli
 from lora_retriever.embedders.config import EmbedderConfig
 
 __all__ = ["EmbedPoolConfig", "build_parser", "main"]
@@ -41,17 +41,13 @@ class EmbedPoolConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_config_arguments(parser, EmbedPoolConfig)
+    parser = command_parser(__doc__, EmbedPoolConfig)
     add_config_arguments(
         parser,
         EmbedderConfig,
         only=[*EMBEDDER_FLAGS, "batch_size", "trust_remote_code"],
         rename=EMBEDDER_FLAGS,
     )
-    add_common_flags(parser)
     return parser
 
 

@@ -15,8 +15,8 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from lora_retriever.cli.args import add_config_arguments, config_from_args
-from lora_retriever.cli.errors import add_common_flags, run_cli
+from lora_retriever.cli.args import command_parser, config_from_args
+from lora_retriever.cli.errors import run_cli
 from swift.llm.model import DEFAULT_MODEL_TYPE, MODEL_TYPE_CHOICES
 
 __all__ = ["PaperEvalConfig", "build_parser", "main"]
@@ -69,12 +69,7 @@ class PaperEvalConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_config_arguments(parser, PaperEvalConfig)
-    add_common_flags(parser)
-    return parser
+    return command_parser(__doc__, PaperEvalConfig)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
