@@ -60,9 +60,10 @@ def check_remote_code_allowed(config: EmbedderConfig) -> None:
     """
     if not config.trust_remote_code:
         raise PermissionError(
-            f"embedder {config.backend!r} at {config.model_path!r} is jina-embeddings-v4, whose model class is "
-            "code inside that directory; running it executes that code. Pass --trust_remote_code "
-            "(trust_remote_code=True) if you trust it, or use the sentence-transformers or clip backend."
+            f"embedder backend {config.backend!r} (model_path {config.model_path!r}) runs "
+            "jina-embeddings-v4's model class, which is code inside that directory; running it executes that "
+            "code. Pass --trust_remote_code (trust_remote_code=True) if you trust it, or use the "
+            "sentence-transformers or clip backend."
         )
 
 
