@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -52,6 +53,58 @@ def test_malformed_line_names_its_number(tmp_path):
     path = write_jsonl(tmp_path / "t.jsonl", [{"query": "ok"}, "", '{"query": "broken"'])
     with pytest.raises(ValueError, match=r"t\.jsonl:3: malformed JSON"):
         read_samples(path)
+
+
+def test_field_types_are_checked_as_the_file_is_read(tmp_path):
+    """A wrong type is an error naming the file, the line and the field, before any model is loaded (a numeric
+    task used to crash the scoring after generation)."""
+    ok = {"query": "q", "task": "t"}
+    cases = [
+        ({"query": "q", "task": 3}, "field 'task' must be a string or null, got int 3"),
+        (
+            {"query": "q", "images": "a.png b.png".split() + [7]},
+            "field 'images' must be a list of image file paths",
+        ),
+        ({"query": "q", "images": {"a": 1}}, "field 'images' must be a list of image file paths, got dict"),
+        ({"query": "q", "system": ["x"]}, "field 'system' must be a string or null"),
+        ({"query": "q", "response": {"a": 1}}, "field 'response' must be a string"),
+        (
+            {"messages": [{"role": "user", "content": 5}]},
+            "message 0: field 'content' must be a string or a list",
+        ),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "audio"}]}]},
+            "message 0: content part 0 must be",
+        ),
+    ]
+    for record, message in cases:
+        path = write_jsonl(tmp_path / "t.jsonl", [ok, record])
+        with pytest.raises(ValueError, match=re.escape(f"{path}:2: {message}")):
+            read_samples(path)
+    (tmp_path / "t.jsonl").write_bytes(b'{"query": "caf\xe9"}\n')  # latin-1, not UTF-8
+    with pytest.raises(ValueError, match="is not UTF-8 text"):
+        read_samples(tmp_path / "t.jsonl")
+
+
+def test_chat_content_as_a_list_of_parts(tmp_path):
+    (tmp_path / "img.png").write_bytes(b"")
+    parts = [{"type": "image"}, {"type": "text", "text": " what is this?"}]
+    path = write_jsonl(
+        tmp_path / "t.jsonl",
+        [
+            {
+                "messages": [
+                    {"role": "user", "content": parts},
+                    {"role": "assistant", "content": [{"type": "text", "text": "a cat"}]},
+                ],
+                "images": ["img.png"],
+                "response": 42,
+                "id": 7,
+            }
+        ],
+    )
+    (sample,) = read_samples(path)
+    assert sample.query == "<image> what is this?" and sample.response == "a cat" and sample.id == "7"
 
 
 def test_missing_query_and_missing_image(tmp_path):
