@@ -12,15 +12,18 @@ Works on the demo pool (``make demo`` builds it): one model load, one embedding 
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from swift.utils import get_logger
+
+if TYPE_CHECKING:
+    from lora_retriever.cli.eval import PaperEvalConfig
 
 logger = get_logger(__name__)
 
@@ -42,7 +45,7 @@ def retrieval_accuracy(sims: np.ndarray, own: list[int], k: int) -> float:
     return float(np.mean([j in row for j, row in zip(own, top)]))
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: PaperEvalConfig) -> dict[str, Any]:
     import torch
     from transformers import GenerationConfig
 
@@ -54,9 +57,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from lora_retriever.selection import select_adapters, task_adapter
     from lora_retriever.tasks import is_correct
     from swift.llm import get_model_tokenizer, get_template
+    from swift.llm.model import model_name_or_path
 
     torch.manual_seed(args.seed)
-    pool = AdapterPool.from_configs(args.pool)
+    pool = AdapterPool.from_configs(
+        args.pool, base_model=model_name_or_path(args.model_type, args.model_path)
+    )
     names = pool.names
     retriever = LoraRetriever(
         LoraRetrieverConfig(top_k=args.top_k), pool=pool, embedder=get_embedder(EmbedderConfig())
@@ -70,7 +76,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if missing:
         raise ValueError(f"tasks {missing} have no adapter in {args.pool} (by name or 'task' field)")
     vectors = retriever.embed_queries([s.query for s in samples])
-    result: dict[str, Any] = {"retrieval": {}, "scores": {}, "settings": vars(args).copy()}
+    result: dict[str, Any] = {"retrieval": {}, "scores": {}, "settings": asdict(args)}
     for wording, rows, data in (("test", vectors, samples), ("test_alt", None, alt)):
         if data is None:
             continue

@@ -22,7 +22,7 @@ from lora_retriever.metrics import bleu, exact_match, rouge_l
 from lora_retriever.pool import AdapterPool
 from lora_retriever.retriever import WEIGHT_MODES, LoraRetriever, LoraRetrieverConfig, RetrievedAdapter
 from lora_retriever.selection import SELECTION_METHODS, select_adapters, task_adapter
-from swift.llm.model import DEFAULT_MODEL_TYPE, MODEL_TYPE_CHOICES, SMOLLM2_HUB_ID
+from swift.llm.model import DEFAULT_MODEL_TYPE, MODEL_TYPE_CHOICES, model_name_or_path
 from swift.utils import get_logger
 from swift.utils.files import atomic_write_together, ensure_writable_dir
 
@@ -248,8 +248,8 @@ def _load_pool(config: InferenceConfig) -> AdapterPool | None:
     if not paths:
         return None
     # The adapters' base model is checked against the model to load now, before it is loaded.
-    loaded = config.model_path or (SMOLLM2_HUB_ID if config.model_type == DEFAULT_MODEL_TYPE else None)
-    pool = AdapterPool.from_configs(paths, defaults=defaults, base_model=loaded)
+    base_model = model_name_or_path(config.model_type, config.model_path)
+    pool = AdapterPool.from_configs(paths, defaults=defaults, base_model=base_model)
     return pool.filter("lora_type", config.lora_type)
 
 

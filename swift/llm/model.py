@@ -243,3 +243,11 @@ def _require_remote_code_deps(model_type: str) -> None:
             f"model_type {model_type!r} runs the checkpoint's own modelling code, which imports {missing}; "
             "install them with `pip install -e '.[internvl2]'`."
         )
+
+
+def model_name_or_path(model_type: str, model_path: str | None) -> str | None:
+    """The ``name_or_path`` the model of ``(model_type, model_path)`` will report once loaded (checked against
+    adapters' ``base_model_name_or_path`` before loading); ``None`` when unknown."""
+    if model_path:
+        return str(model_path)
+    return SMOLLM2_HUB_ID if model_type == DEFAULT_MODEL_TYPE else None
