@@ -587,4 +587,3 @@ def _longest_prefix(name: str, prefixes: Mapping[str, torch.Tensor]) -> str | No
         if (name == prefix or name.startswith(prefix + ".")) and (best is None or len(prefix) > len(best)):
             best = prefix
     return best
-
