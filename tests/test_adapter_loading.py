@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from swift.tuners import AdapterLoadError, Swift, SwiftModel
 from tests.factories import VOCAB, make_lora_dir, tiny_causal_lm
+from tests.tolerances import SAME_SHAPES_ATOL
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,9 @@ def test_loads_and_matches_peft(base, adapter):
     ids = torch.randint(3, VOCAB, (2, 5))
     with torch.no_grad():
         expected = PeftModel.from_pretrained(copy.deepcopy(base), str(adapter))(input_ids=ids).logits
-        assert (model(input_ids=ids).logits - expected).abs().max() <= 1e-5
+        assert (
+            model(input_ids=ids).logits - expected
+        ).abs().max() <= SAME_SHAPES_ATOL  # same batch, tiny model
     assert len(list(model.lora_layers())) == 4  # q_proj and v_proj in 2 layers
 
 

@@ -24,6 +24,10 @@ from lora_retriever.embedders import (
 
 LOGGER = "lora_retriever.embedders"
 
+# Tolerances: every comparison of vectors runs the same texts (or images), in the same batch, through both
+# sides; vectors are unit-normalised, so 1e-5 / 1e-6 absolute bounds are a few ulps of O(1) values on any CPU.
+# Assertions that an input *changes* a vector use > 1e-3, far above that.
+
 
 # ---------------------------------------------------------------------------- fixtures and builders
 

@@ -14,6 +14,7 @@ from peft import PeftModel
 from lora_retriever.cli.merge import main
 from swift.tuners import Swift, lora_mixture_context
 from tests.factories import VOCAB, make_lora_dir, tiny_causal_lm
+from tests.tolerances import SAME_SHAPES_ATOL
 
 
 @pytest.mark.parametrize(
@@ -59,7 +60,9 @@ def test_merge_cli_outputs_load_in_peft(tmp_path, capsys, method, extra):
             pool = Swift.from_pretrained(copy.deepcopy(base), a, adapter_name="a")
             pool = Swift.from_pretrained(pool, b, adapter_name="b")
             with lora_mixture_context(torch.tensor([[0.3, 0.7]]), ["a", "b"]):
-                assert (pool(input_ids=ids).logits - merged).abs().max() <= 1e-5
+                assert (
+                    pool(input_ids=ids).logits - merged
+                ).abs().max() <= SAME_SHAPES_ATOL  # same ids through both, tiny model
 
 
 def test_merge_cli_errors(tmp_path, capsys):

@@ -12,6 +12,9 @@ from lora_retriever.index import ExactIndex, FaissFlatIndex, FaissHNSWIndex, bui
 from lora_retriever.pool import AdapterPool, PoolValidationError, key_meta_path
 from lora_retriever.retriever import LoraRetriever, LoraRetrieverConfig, adapter_weights
 
+# Tolerances: cosine similarities of unit vectors (|s| <= 1) from numpy vs FAISS kernels: 1e-5 absolute is
+# ~100 ulps; exact-index results vs the brute-force product use the same numpy matmul (1e-6).
+
 
 def write_adapter_dir(path, base_model=None, weights="adapter_model.safetensors"):
     """A PEFT-format folder: ``adapter_config.json`` and a (tiny, valid) weights file named ``weights``."""
