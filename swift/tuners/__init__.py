@@ -1,11 +1,24 @@
 """Adapters: loading PEFT-format LoRA pools and the per-sample mixture layers."""
 
-from swift.tuners.lora_layers import LoraLinear, LoraRouting, current_routing, lora_mixture_context
-from swift.tuners.peft_format import AdapterLoadError, LoraAdapterConfig, read_adapter_dir
+from swift.tuners.lora_layers import (
+    LoraLinear,
+    LoraRouting,
+    current_routing,
+    lora_mixture_context,
+    mixture_kernels,
+)
+from swift.tuners.peft_format import (
+    AdapterLoadError,
+    LoraAdapter,
+    LoraAdapterConfig,
+    read_adapter_dir,
+    write_adapter_dir,
+)
 from swift.tuners.swift_model import Swift, SwiftModel
 
 __all__ = [
     "AdapterLoadError",
+    "LoraAdapter",
     "LoraAdapterConfig",
     "LoraLinear",
     "LoraRouting",
@@ -13,5 +26,7 @@ __all__ = [
     "SwiftModel",
     "current_routing",
     "lora_mixture_context",
+    "mixture_kernels",
     "read_adapter_dir",
+    "write_adapter_dir",
 ]
