@@ -1,4 +1,5 @@
-"""Embedding models for retrieval: one ``Embedder`` interface over sentence-transformers, jina-v4 and CLIP.
+"""Embedding models for retrieval: one ``Embedder`` interface over sentence-transformers, jina-v4, CLIP and
+the image-only ``vision-tower`` backend (a VLM's vision tower, for score-level image retrieval).
 
 Light to import: the backends (and torch, transformers, sentence-transformers) load only when
 ``get_embedder`` builds one.
@@ -17,7 +18,12 @@ from lora_retriever.embedders.base import (
     UnsupportedInputError,
     l2_normalize,
 )
-from lora_retriever.embedders.config import EmbedderConfig, validate_adapter_path, validate_fusion_weights
+from lora_retriever.embedders.config import (
+    EmbedderConfig,
+    validate_adapter_path,
+    validate_fusion_weights,
+    validate_vision_dir,
+)
 from lora_retriever.embedders.factory import get_embedder, resolve_backend
 from lora_retriever.embedders.meta import EmbeddingMeta, check_compatible
 
@@ -33,4 +39,5 @@ __all__ = [
     "resolve_backend",
     "validate_adapter_path",
     "validate_fusion_weights",
+    "validate_vision_dir",
 ]

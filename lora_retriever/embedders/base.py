@@ -26,6 +26,7 @@ __all__ = [
     "DEFAULT_INSTRUCTION",
     "ROLES",
     "Embedder",
+    "batch_starts",
     "UnsupportedInputError",
     "l2_normalize",
     "model_id_from_path",
@@ -85,6 +86,16 @@ def warn_if_slow_dtype(device: str, dtype: str) -> None:
         )
 
 
+def batch_starts(n: int, batch_size: int, show_progress: bool, desc: str) -> Sequence[int]:
+    """Start offsets of ``n`` inputs in batches of ``batch_size``; a tqdm bar over them with ``show_progress``."""
+    starts = range(0, n, batch_size)
+    if not show_progress:
+        return starts
+    from tqdm.auto import tqdm
+
+    return tqdm(starts, desc=desc, unit="batch")
+
+
 def _as_text_list(texts: str | Sequence[str], what: str) -> list[str]:
     if isinstance(texts, str):
         return [texts]
@@ -109,7 +120,9 @@ class Embedder(ABC):
         backend: the backend name (``"sentence-transformers"``, ``"jina-v4"``, ``"clip"``).
         model_id: the model's name, stored with every key and index.
         dim: vector dimension.
-        supports_images: whether ``encode_images`` works (text and image vectors share one space).
+        supports_images: whether ``encode_images`` works.
+        supports_texts: whether texts can be embedded (False for image-only embedders such as
+            ``vision-tower``; when both are True, text and image vectors share one space).
         query_instruction / document_instruction: the prefixes actually used.
         text_weight / image_weight: default fusion weights for ``encode``.
         batch_size: default inputs per forward pass.
@@ -118,6 +131,7 @@ class Embedder(ABC):
 
     backend: ClassVar[str] = ""
     supports_images: ClassVar[bool] = False
+    supports_texts: ClassVar[bool] = True
     #: the instruction used when ``EmbedderConfig.query_instruction`` is ``None``.
     default_instruction: ClassVar[str] = ""
 
@@ -155,7 +169,8 @@ class Embedder(ABC):
     def _images_unsupported(self) -> UnsupportedInputError:
         return UnsupportedInputError(
             f"the {self.backend!r} embedder ({self.model_id}) is text-only and cannot embed images; "
-            "use backend='jina-v4' or 'clip' (EmbedderConfig.backend) for image inputs"
+            "use backend='jina-v4' or 'clip' (EmbedderConfig.backend) for image inputs, or give the retriever an "
+            "image_embedder (backend='vision-tower')"
         )
 
     # ------------------------------------------------------------------ public API

@@ -13,7 +13,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lora_retriever.embedders.adapter import LoraAdapterMixin
-from lora_retriever.embedders.base import Embedder, model_id_from_path, torch_dtype, warn_if_slow_dtype
+from lora_retriever.embedders.base import (
+    Embedder,
+    batch_starts,
+    model_id_from_path,
+    torch_dtype,
+    warn_if_slow_dtype,
+)
 from lora_retriever.embedders.config import EmbedderConfig
 
 if TYPE_CHECKING:
@@ -77,7 +83,7 @@ class ClipEmbedder(LoraAdapterMixin, Embedder):
         import torch
 
         out = []
-        for start in _batches(len(texts), batch_size, show_progress, "CLIP texts"):
+        for start in batch_starts(len(texts), batch_size, show_progress, "CLIP texts"):
             enc = self.processor.tokenizer(
                 texts[start : start + batch_size],
                 padding=True,
@@ -93,7 +99,7 @@ class ClipEmbedder(LoraAdapterMixin, Embedder):
         import torch
 
         out = []
-        for start in _batches(len(images), batch_size, show_progress, "CLIP images"):
+        for start in batch_starts(len(images), batch_size, show_progress, "CLIP images"):
             batch = [im.convert("RGB") for im in images[start : start + batch_size]]
             pixels = self.processor.image_processor(images=batch, return_tensors="pt")["pixel_values"]
             pixels = pixels.to(self.model.device, dtype=self.model.dtype)
@@ -106,12 +112,3 @@ def _features(out: Any) -> Any:
     """transformers 5 returns a ModelOutput whose ``pooler_output`` holds the projected features; older
     versions return the tensor itself."""
     return out if hasattr(out, "detach") else out.pooler_output
-
-
-def _batches(n: int, batch_size: int, show_progress: bool, desc: str) -> Any:
-    starts = range(0, n, batch_size)
-    if not show_progress:
-        return starts
-    from tqdm.auto import tqdm
-
-    return tqdm(starts, desc=desc, unit="batch")

@@ -7,6 +7,7 @@ fails at the entry point and not after minutes of indexing.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields
@@ -17,14 +18,23 @@ __all__ = [
     "BACKENDS",
     "DTYPES",
     "EmbedderConfig",
+    "VISION_MODEL_TYPES",
     "check_remote_code_allowed",
     "validate_adapter_path",
     "validate_fusion_weights",
+    "validate_vision_dir",
 ]
 
-BACKENDS = ("sentence-transformers", "jina-v4", "clip", "auto")
+BACKENDS = ("sentence-transformers", "jina-v4", "clip", "vision-tower", "auto")
 DTYPES = ("float32", "float16", "bfloat16")
 ADAPTER_CONFIG_NAME = "adapter_config.json"
+#: ``config.json`` model types the ``vision-tower`` backend loads: a LLaVA VLM (its vision tower) or a plain
+#: CLIP / SigLIP vision model.
+VISION_MODEL_TYPES = ("llava", "clip_vision_model", "siglip_vision_model")
+_VISION_FIX = (
+    "pass model_path (--image_embedder_path) a local LLaVA directory (LlavaForConditionalGeneration + its "
+    "processor) or a CLIPVisionModel / SiglipVisionModel directory with its image processor"
+)
 
 
 def validate_adapter_path(adapter_path: str | os.PathLike[str]) -> Path:
@@ -50,6 +60,54 @@ def validate_adapter_path(adapter_path: str | os.PathLike[str]) -> Path:
             "directory; pass the directory written by PEFT's save_pretrained"
         )
     return path
+
+
+def validate_vision_dir(model_path: str | os.PathLike[str]) -> tuple[Path, str]:
+    """Check, without loading it, that a directory holds a vision model the ``vision-tower`` backend loads.
+
+    Returns:
+        The absolute path and its ``config.json`` model type (one of ``VISION_MODEL_TYPES``).
+
+    Raises:
+        FileNotFoundError: the path does not exist or has no ``config.json``.
+        ValueError: the path is a file, its model type is not a vision model, or it has no image processor
+            (``preprocessor_config.json``, or a ``processor_config.json`` with an ``image_processor``).
+    """
+    path = Path(model_path).expanduser().absolute()
+    if not path.exists():
+        raise FileNotFoundError(f"image embedder model_path {str(path)!r} does not exist; {_VISION_FIX}")
+    if not path.is_dir():
+        raise ValueError(f"image embedder model_path {str(path)!r} is a file, not a directory; {_VISION_FIX}")
+    try:
+        model_type = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"image embedder model_path {str(path)!r} has no config.json (not a model directory); {_VISION_FIX}"
+        ) from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        raise ValueError(f"image embedder model_path {str(path)!r}: unreadable config.json ({err})") from err
+    if model_type not in VISION_MODEL_TYPES:
+        raise ValueError(
+            f"image embedder model_path {str(path)!r} holds a {model_type!r} model, not a vision model "
+            f"(model types {list(VISION_MODEL_TYPES)}); {_VISION_FIX}"
+        )
+    if not _has_image_processor(path):
+        raise ValueError(
+            f"image embedder model_path {str(path)!r} has no image processor (preprocessor_config.json, or "
+            "processor_config.json with an image_processor); save it beside the model with "
+            "image_processor.save_pretrained (or the VLM's processor.save_pretrained)"
+        )
+    return path, model_type
+
+
+def _has_image_processor(path: Path) -> bool:
+    if (path / "preprocessor_config.json").is_file():
+        return True
+    try:
+        data = json.loads((path / "processor_config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return isinstance(data, dict) and "image_processor" in data
 
 
 def check_remote_code_allowed(config: EmbedderConfig) -> None:
@@ -98,7 +156,9 @@ class EmbedderConfig:
     Attributes:
         backend: ``"sentence-transformers"`` (any local sentence-transformers folder; text only),
             ``"jina-v4"`` (a local jina-embeddings-v4 snapshot; text and images, needs remote code),
-            ``"clip"`` (a local transformers CLIP folder; text and images) or ``"auto"`` (jina-v4 or CLIP if
+            ``"clip"`` (a local transformers CLIP folder; text and images), ``"vision-tower"`` (images only: the
+            vision tower of a local LLaVA folder, or a CLIP / SigLIP vision model; the retriever's
+            ``image_embedder``) or ``"auto"`` (jina-v4 or CLIP if
             ``model_path`` is one, a sentence-transformers folder as such, else the packaged default with a
             warning).
         model_path: local model directory; ``None`` means the packaged all-MiniLM-L6-v2 (sentence-transformers
@@ -125,7 +185,7 @@ class EmbedderConfig:
     backend: str = field(
         default="sentence-transformers",
         metadata={
-            "help": "retrieval embedder backend (jina-v4 needs --trust_remote_code)",
+            "help": "retrieval embedder backend (jina-v4 needs --trust_remote_code; vision-tower embeds images only)",
             "choices": BACKENDS,
         },
     )
@@ -155,6 +215,15 @@ class EmbedderConfig:
                     f"EmbedderConfig.model_path must be a non-empty path, got {self.model_path!r}"
                 )
             self.model_path = str(Path(self.model_path).expanduser())
+        if self.backend == "vision-tower":
+            if self.model_path is None:
+                raise ValueError(f"backend='vision-tower' needs model_path; {_VISION_FIX}")
+            validate_vision_dir(self.model_path)
+            if self.adapter_path is not None:
+                raise ValueError(
+                    f"adapter_path={self.adapter_path!r} is not supported with backend='vision-tower'; drop it "
+                    "(merge the adapter into the vision model first)"
+                )
         if self.backend == "jina-v4" and self.model_path is None:
             raise ValueError(
                 "backend='jina-v4' needs model_path: a local jina-embeddings-v4 directory (config.json, its "

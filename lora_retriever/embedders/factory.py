@@ -74,7 +74,7 @@ def get_embedder(
 
     Args:
         config: an ``EmbedderConfig``, a dict of its fields, or a backend name
-            (``"sentence-transformers"``, ``"jina-v4"``, ``"clip"``, ``"auto"``).
+            (``"sentence-transformers"``, ``"jina-v4"``, ``"clip"``, ``"vision-tower"``, ``"auto"``).
         **overrides: ``EmbedderConfig`` fields replacing the config's (validated again).
 
     Returns:
@@ -112,4 +112,8 @@ def get_embedder(
         from lora_retriever.embedders.jina import JinaV4Embedder
 
         return JinaV4Embedder(config)
+    if config.backend == "vision-tower":
+        from lora_retriever.embedders.vision import VisionTowerEmbedder
+
+        return VisionTowerEmbedder(config)
     raise AssertionError(f"unreachable backend {config.backend!r}")  # EmbedderConfig validated it

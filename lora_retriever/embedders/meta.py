@@ -23,6 +23,9 @@ class EmbeddingMeta:
         instruction: the text prefix used (``""`` for none; ``None`` if unknown, e.g. legacy keys).
         adapter: name of the PEFT adapter on the embedder (``None`` for the base model).
         backend: the backend that ran the model (informational; not compared).
+        text_weight: for image keys only, the text weight ``a`` of the score fusion
+            ``a * cos(text) + (1 - a) * cos(image)`` the pool was built for (travels with the keys; the
+            retriever uses it unless told otherwise). Not an embedder property: not compared here.
     """
 
     model_id: str
@@ -30,6 +33,7 @@ class EmbeddingMeta:
     instruction: str | None = None
     adapter: str | None = None
     backend: str | None = None
+    text_weight: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """As a JSON-serialisable dict."""
@@ -47,6 +51,8 @@ class EmbeddingMeta:
         known = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in known}
         kwargs["dim"] = int(kwargs["dim"])
+        if kwargs.get("text_weight") is not None:
+            kwargs["text_weight"] = float(kwargs["text_weight"])
         return cls(**kwargs)
 
 
