@@ -5,7 +5,9 @@ A pool config is a JSON list of entries::
     {"lora_name": "capitals", "lora_path": "adapters/capitals", "embedding_path": "keys/capitals.npy",
      "description": "country -> capital", "category": "geography", "samples_path": "data/capitals.jsonl"}
 
-Relative paths resolve against the config file's folder; unknown fields are kept.
+Relative paths resolve against the config file's folder; unknown fields are kept. An optional
+``"image_embedding_path"`` names the adapter's image key (mean image embedding of its key samples, for
+image-aware retrieval, ``lora_retriever.retriever``); adapters whose samples have no images have none.
 ``AdapterPool.from_configs`` validates every entry up front (adapter folder with config and weights, key files
 readable and of one dimension and embedder, optionally the base model) and reports all problems at once;
 ``AdapterPool.validate`` runs the same checks on a pool in memory. Every write to a config goes through
@@ -39,10 +41,14 @@ logger = get_logger(__name__)
 __all__ = ["AdapterEntry", "AdapterPool", "PoolValidationError", "key_meta_path", "load_key", "load_key_meta"]
 
 REQUIRED_FIELDS = ("lora_name", "lora_path")
+KEY_MODALITIES = ("text", "image")
+# modality -> (AdapterEntry attribute, what the key is called in messages)
+_KEY_FIELDS = {"text": ("embedding_path", "key"), "image": ("image_embedding_path", "image key")}
 KNOWN_FIELDS = (
     "lora_name",
     "lora_path",
     "embedding_path",
+    "image_embedding_path",
     "description",
     "domain",
     "category",
@@ -61,11 +67,12 @@ class PoolValidationError(ValueError):
 
 
 def key_meta_path(embedding_path: str | Path) -> Path:
-    """``keys/capitals.npy`` -> ``keys/capitals.meta.json`` (model id, dim, samples, instruction, date)."""
+    """``keys/capitals.npy`` -> ``keys/capitals.meta.json`` (model id, dim, samples, instruction, date);
+    ``keys/capitals.image.npy`` -> ``keys/capitals.image.meta.json`` (only the final ``.npy`` is replaced)."""
     path = Path(embedding_path)
-    return path.with_name(path.name[: -len(".npy")] if path.name.endswith(".npy") else path.name).with_suffix(
-        ".meta.json"
-    )
+    if path.name.endswith(".npy"):
+        return path.with_name(path.name[: -len(".npy")] + ".meta.json")
+    return path.with_suffix(".meta.json")
 
 
 @dataclass
@@ -75,6 +82,7 @@ class AdapterEntry:
     lora_name: str
     lora_path: Path
     embedding_path: Path | None = None
+    image_embedding_path: Path | None = None
     description: str = ""
     domain: str | None = None
     category: str | None = None
@@ -90,6 +98,7 @@ class AdapterEntry:
             lora_name=str(data["lora_name"]),
             lora_path=paths["lora_path"],
             embedding_path=paths["embedding_path"],
+            image_embedding_path=paths["image_embedding_path"],
             description=str(data.get("description", "")),
             domain=data.get("domain"),
             category=data.get("category"),
@@ -110,6 +119,8 @@ class AdapterEntry:
         data: dict[str, Any] = {"lora_name": self.lora_name, "lora_path": show(self.lora_path)}
         if self.embedding_path is not None:
             data["embedding_path"] = show(self.embedding_path)
+        if self.image_embedding_path is not None:
+            data["image_embedding_path"] = show(self.image_embedding_path)
         data["description"] = self.description
         for name in ("domain", "category", "base_model"):
             if getattr(self, name) is not None:
@@ -142,8 +153,8 @@ class AdapterPool:
     def __init__(self, entries: Sequence[AdapterEntry]):
         self.entries = list(entries)
         self._by_name = {e.lora_name: e for e in self.entries}
-        self._keys: np.ndarray | None = None
-        self._key_meta: EmbeddingMeta | None = None
+        self._keys: dict[str, np.ndarray] = {}
+        self._key_meta: dict[str, EmbeddingMeta | None] = {}
 
     # -- building -----------------------------------------------------------------------------------------
 
@@ -228,10 +239,8 @@ class AdapterPool:
         problems: list[str] = []
         warnings: list[str] = []
         seen: dict[str, AdapterEntry] = {}
-        dims: dict[int, list[str]] = {}
-        metas: dict[str, EmbeddingMeta] = {}
         for entry in self.entries:
-            where = f"{entry.lora_name!r}" + (f" ({entry.source})" if entry.source else "")
+            where = _where(entry)
             if entry.lora_name in seen:
                 problems.append(
                     f"duplicate lora_name {where}: also defined in {seen[entry.lora_name].source}"
@@ -242,19 +251,33 @@ class AdapterPool:
             mismatch = _base_model_mismatch(entry.base_model or trained_on, base_model)
             if mismatch:
                 (problems if strict_base_model else warnings).append(f"{where}: {mismatch}")
-            if entry.embedding_path is None:
-                if require_keys:
+        for modality in KEY_MODALITIES:
+            problems.extend(self._audit_keys(modality, require_keys))
+        return problems, warnings
+
+    def _audit_keys(self, modality: str, require_keys: bool) -> list[str]:
+        """Problems with the text or image key files: readable, one dimension, one embedder (and, for image
+        keys, one fusion weight). A missing text key is a problem with ``require_keys``; a missing image
+        key only if the entry names a file that isn't there."""
+        attr, what = _KEY_FIELDS[modality]
+        problems: list[str] = []
+        dims: dict[int, list[str]] = {}
+        metas: dict[str, EmbeddingMeta] = {}
+        for entry in self.entries:
+            where, path = _where(entry), getattr(entry, attr)
+            if path is None:
+                if require_keys and modality == "text":
                     problems.append(
                         f"{where}: no embedding_path (build keys with python -m lora_retriever.embed_pool)"
                     )
                 continue
-            if not entry.embedding_path.is_file():
+            if not path.is_file():
                 if require_keys:
-                    problems.append(f"{where}: key file {entry.embedding_path} does not exist")
+                    problems.append(f"{where}: {what} file {path} does not exist")
                 continue
             try:
-                key = load_key(entry.embedding_path)
-                meta = load_key_meta(entry.embedding_path, key.shape[0])
+                key = load_key(path)
+                meta = load_key_meta(path, key.shape[0])
             except ValueError as err:
                 problems.append(f"{where}: {err}")
                 continue
@@ -264,16 +287,14 @@ class AdapterPool:
         if len(dims) > 1:
             summary = "; ".join(f"dim {d}: {names}" for d, names in sorted(dims.items()))
             problems.append(
-                f"key dimensions differ within the pool ({summary}); rebuild keys with one embedder"
+                f"{what} dimensions differ within the pool ({summary}); rebuild them with one embedder"
             )
         elif len(metas) > 1:
-            (first_name, first), *rest = metas.items()
-            for name, meta in rest:
-                try:
-                    check_compatible(first, meta, f"keys of {first_name!r} vs {name!r}")
-                except ValueError as err:
-                    problems.append(str(err))
-        return problems, warnings
+            try:
+                _common_meta(metas, what)
+            except ValueError as err:
+                problems.append(str(err))
+        return problems
 
     # -- access -------------------------------------------------------------------------------------------
 
@@ -311,8 +332,12 @@ class AdapterPool:
         return AdapterPool(kept)
 
     def keys(self) -> np.ndarray:
-        """``[N, dim]`` float32 L2-normalised keys, in pool order (loaded once)."""
-        if self._keys is None:
+        """``[N, dim]`` float32 L2-normalised text keys, in pool order (loaded once).
+
+        Raises:
+            FileNotFoundError: an entry has no key file (build keys with ``lora_retriever.embed_pool``).
+        """
+        if "text" not in self._keys:
             missing = [
                 e.lora_name
                 for e in self.entries
@@ -322,32 +347,80 @@ class AdapterPool:
                 raise FileNotFoundError(
                     f"no key file for {missing}; build keys with python -m lora_retriever.embed_pool"
                 )
-            keys = np.stack([load_key(e.embedding_path) for e in self.entries]).astype(np.float32)
-            norms = np.linalg.norm(keys, axis=1, keepdims=True)
-            self._keys = keys / np.maximum(norms, 1e-12)
-        return self._keys
+            self._keys["text"] = _normalised_rows([load_key(e.embedding_path) for e in self.entries])
+        return self._keys["text"]
+
+    def image_keys(self) -> np.ndarray | None:
+        """``[N, dim_image]`` float32 image keys in pool order, L2-normalised; a zero row for an adapter
+        without an image key (see ``image_key_mask``). ``None`` when no adapter has one (a text-only pool).
+
+        Raises:
+            FileNotFoundError: an entry names an image key file that does not exist.
+            ValueError: image keys of different dimensions (``validate`` reports it up front).
+        """
+        if "image" not in self._keys:
+            mask = self.image_key_mask()
+            if not mask.any():
+                return None
+            missing = [
+                e.lora_name
+                for e, has in zip(self.entries, mask)
+                if has and not e.image_embedding_path.is_file()
+            ]
+            if missing:
+                raise FileNotFoundError(
+                    f"image key files of {missing} do not exist; rebuild them with python -m "
+                    "lora_retriever.embed_pool --image_embedder vision-tower --image_embedder_path DIR"
+                )
+            vectors = {i: load_key(e.image_embedding_path) for i, e in enumerate(self.entries) if mask[i]}
+            dims = sorted({v.shape[0] for v in vectors.values()})
+            if len(dims) > 1:
+                raise ValueError(f"image key dimensions differ within the pool ({dims}); rebuild them")
+            keys = np.zeros((len(self.entries), dims[0]), dtype=np.float32)
+            rows = sorted(vectors)
+            keys[rows] = _normalised_rows([vectors[i] for i in rows])
+            self._keys["image"] = keys
+        return self._keys["image"]
+
+    def image_key_mask(self) -> np.ndarray:
+        """``[N]`` bool: which adapters have an image key (``image_embedding_path`` set), in pool order."""
+        return np.array([e.image_embedding_path is not None for e in self.entries], dtype=bool)
 
     def key_meta(self) -> EmbeddingMeta | None:
-        """The identity of the embedder that made the pool's keys (from their ``.meta.json`` files);
+        """The identity of the embedder that made the pool's text keys (from their ``.meta.json`` files);
         ``None`` for legacy keys without metadata (then only the dimension can be checked).
 
         Raises:
             ValueError: two keys were made by incompatible embedders (model, dim, instruction or adapter).
         """
-        if self._key_meta is None:
+        return self._modality_meta("text")
+
+    def image_key_meta(self) -> EmbeddingMeta | None:
+        """The identity of the image embedder that made the pool's image keys, with the fusion weight
+        ``text_weight`` they were built for; ``None`` when no adapter has an image key with metadata.
+
+        Raises:
+            ValueError: two image keys were made by incompatible embedders or for different fusion weights.
+        """
+        return self._modality_meta("image")
+
+    def _modality_meta(self, modality: str) -> EmbeddingMeta | None:
+        if modality not in self._key_meta:
+            attr, what = _KEY_FIELDS[modality]
             metas = {}
             for e in self.entries:
-                meta = load_key_meta(e.embedding_path) if e.embedding_path else None
+                path = getattr(e, attr)
+                meta = load_key_meta(path) if path else None
                 if meta is not None:
                     metas[e.lora_name] = meta
             if not metas:
-                logger.warning("pool keys have no .meta.json: the embedder that made them can't be checked")
+                if modality == "text":
+                    logger.warning(
+                        "pool keys have no .meta.json: the embedder that made them can't be checked"
+                    )
                 return None
-            (first_name, first), *rest = metas.items()
-            for name, meta in rest:
-                check_compatible(first, meta, f"keys of {first_name!r} vs {name!r}")
-            self._key_meta = first
-        return self._key_meta
+            self._key_meta[modality] = _common_meta(metas, what)
+        return self._key_meta[modality]
 
     def save(self, config_path: str | Path, *, lock_timeout: float = 120.0) -> None:
         """Replace the config's entries with this pool's (paths relative to its folder), through
@@ -355,6 +428,32 @@ class AdapterPool:
         with pool_transaction(config_path, lock_timeout=lock_timeout) as entries:
             folder = resolve_config_path(config_path).parent
             entries[:] = [e.to_dict(relative_to=folder) for e in self.entries]
+
+
+def _where(entry: AdapterEntry) -> str:
+    return f"{entry.lora_name!r}" + (f" ({entry.source})" if entry.source else "")
+
+
+def _normalised_rows(vectors: Sequence[np.ndarray]) -> np.ndarray:
+    keys = np.stack(vectors).astype(np.float32)
+    return keys / np.maximum(np.linalg.norm(keys, axis=1, keepdims=True), 1e-12)
+
+
+def _common_meta(metas: dict[str, EmbeddingMeta], what: str) -> EmbeddingMeta:
+    """The one identity shared by every key's metadata (``{adapter name: meta}``, non-empty).
+
+    Raises:
+        ValueError: two keys were made by incompatible embedders, or for different fusion weights.
+    """
+    (first_name, first), *rest = metas.items()
+    for name, meta in rest:
+        check_compatible(first, meta, f"{what}s of {first_name!r} vs {name!r}")
+        if meta.text_weight != first.text_weight:
+            raise ValueError(
+                f"{what}s of {first_name!r} vs {name!r} were built for different fusion weights (text_weight "
+                f"{first.text_weight} vs {meta.text_weight}); rebuild them with one --text_weight"
+            )
+    return first
 
 
 def load_key(path: Path) -> np.ndarray:

@@ -40,7 +40,7 @@ __all__ = [
     "stored_entry",
 ]
 
-PATH_FIELDS = ("lora_path", "embedding_path", "samples_path")
+PATH_FIELDS = ("lora_path", "embedding_path", "image_embedding_path", "samples_path")
 
 
 def load_json_list(path: Path) -> list[Any]:
@@ -203,9 +203,17 @@ def stored_entry(entry: dict[str, Any], config_path: str | Path) -> dict[str, An
     return {k: config_relative_path(v, folder) if k in PATH_FIELDS and v else v for k, v in entry.items()}
 
 
-def default_key_path(config_path: str | Path, lora_name: str) -> Path:
-    """Where an adapter's key goes when its entry names none: ``<config folder>/keys/<lora_name>.npy``."""
-    return resolve_config_path(config_path).parent / "keys" / f"{lora_name}.npy"
+def default_key_path(config_path: str | Path, lora_name: str, modality: str = "text") -> Path:
+    """Where an adapter's key goes when its entry names none: ``<config folder>/keys/<lora_name>.npy`` for
+    the text key, ``<config folder>/keys/<lora_name>.image.npy`` for the image key (``modality="image"``).
+
+    Raises:
+        ValueError: ``modality`` is not ``"text"`` or ``"image"``.
+    """
+    if modality not in ("text", "image"):
+        raise ValueError(f"modality must be 'text' or 'image', got {modality!r}")
+    suffix = ".npy" if modality == "text" else ".image.npy"
+    return resolve_config_path(config_path).parent / "keys" / f"{lora_name}{suffix}"
 
 
 def resolve_config_path(config_path: str | Path) -> Path:
