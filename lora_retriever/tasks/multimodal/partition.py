@@ -108,6 +108,7 @@ def draw_items(
         if accept is None or accept(item):
             groups.setdefault(balance(item), []).append(item)
     queues = [groups[value] for value in sorted(groups, key=str)]
+    rng.shuffle(queues)  # which classes come first (when n < classes) is random, not alphabetical
     dealt = [queue[i] for i in range(max(map(len, queues), default=0)) for queue in queues if i < len(queue)]
     _check_enough(domain, partition, n, len(dealt))
     return dealt[:n]

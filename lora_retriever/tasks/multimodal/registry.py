@@ -6,11 +6,29 @@ from collections.abc import Mapping
 from types import MappingProxyType
 
 from lora_retriever.tasks.multimodal.domains import DigitsDomain, ImageDomain, PhotoDomain
+from lora_retriever.tasks.multimodal.screens import (
+    CalendarDomain,
+    ClockDomain,
+    CounterDomain,
+    MapDomain,
+    ShopDomain,
+)
 
 __all__ = ["DOMAINS", "DOMAIN_NAMES", "get_domain"]
 
 DOMAINS: Mapping[str, type[ImageDomain]] = MappingProxyType(
-    {cls.name: cls for cls in (DigitsDomain, PhotoDomain)}
+    {
+        cls.name: cls
+        for cls in (
+            DigitsDomain,
+            PhotoDomain,
+            ClockDomain,
+            CalendarDomain,
+            ShopDomain,
+            CounterDomain,
+            MapDomain,
+        )
+    }
 )
 DOMAIN_NAMES: tuple[str, ...] = tuple(DOMAINS)
 
