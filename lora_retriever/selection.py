@@ -25,7 +25,13 @@ import numpy as np
 import torch
 
 from lora_retriever.pool import AdapterPool
-from lora_retriever.retriever import LoraRetriever, RetrievedAdapter
+from lora_retriever.retriever import (
+    DEFAULT_TEXT_WEIGHT,
+    LoraRetriever,
+    QueryVectors,
+    RetrievedAdapter,
+    pool_similarities,
+)
 from swift.tuners import LoraRouting
 from swift.utils import get_logger
 
@@ -69,7 +75,7 @@ def select_adapters(
     *,
     tasks: Sequence[str | None],
     retriever: LoraRetriever | None = None,
-    vectors: np.ndarray | None = None,
+    vectors: QueryVectors | np.ndarray | None = None,
     ood: bool = False,
     top_k: int = 3,
     weight_mode: str | None = None,
@@ -82,8 +88,9 @@ def select_adapters(
         pool: the adapters to choose from (its order breaks ties).
         tasks: per sample, its task (``None`` if unknown): finds its own adapter for ``oracle`` and ``ood``.
         retriever: searches the pool's keys (needed by ``selection``/``mixture``/``fusion``).
-        vectors: ``[n, dim]`` normalised query embeddings from ``retriever.embed_queries`` (needed by the
-            retrieval methods; when given to ``oracle``/``uniform_all`` their similarities are reported).
+        vectors: the embedded queries from ``retriever.embed_queries`` (or ``[n, dim]`` normalised text
+            vectors), needed by the retrieval methods; when given to ``oracle``/``uniform_all`` their (fused)
+            similarities are reported.
         ood: exclude each sample's own adapter (the paper's out-of-domain protocol).
         top_k: adapters per sample for ``mixture``/``fusion``.
         weight_mode / temperature: override the retriever's weighting for ``mixture``/``fusion``
@@ -109,7 +116,8 @@ def select_adapters(
     own = [task_adapter(pool, task) for task in tasks]
     sims = None
     if vectors is not None and kind in ("own", "all"):
-        sims = np.asarray(vectors) @ pool.keys().T  # [n, N], pool order
+        weight = retriever.text_weight if retriever is not None else DEFAULT_TEXT_WEIGHT
+        sims = pool_similarities(pool, vectors, weight)  # [n, N], pool order
     if kind == "own":
         return _own(pool, own, tasks, sims)
     if kind == "all":

@@ -17,6 +17,7 @@ from lora_retriever.embedders.base import (
     Embedder,
     UnsupportedInputError,
     l2_normalize,
+    retrieval_text,
 )
 from lora_retriever.embedders.config import (
     EmbedderConfig,
@@ -37,6 +38,7 @@ __all__ = [
     "get_embedder",
     "l2_normalize",
     "resolve_backend",
+    "retrieval_text",
     "validate_adapter_path",
     "validate_fusion_weights",
     "validate_vision_dir",

@@ -27,6 +27,7 @@ __all__ = [
     "ROLES",
     "Embedder",
     "batch_starts",
+    "retrieval_text",
     "UnsupportedInputError",
     "l2_normalize",
     "model_id_from_path",
@@ -84,6 +85,17 @@ def warn_if_slow_dtype(device: str, dtype: str) -> None:
         logger.warning(
             "embedder dtype %s on %s is usually several times slower than float32 there", dtype, device
         )
+
+
+def retrieval_text(text: str | None) -> str | None:
+    """The text to embed for retrieval: ``<image>`` tags (image positions in VLM prompts) removed and
+    whitespace stripped; ``None`` when nothing is left (an image-only input). Adapter key samples and queries
+    both go through it, so a tag never makes them differ."""
+    if text is None:
+        return None
+    from swift.llm.template import IMAGE_TAG  # the one spelling of the tag (imports torch: call lazily)
+
+    return text.replace(IMAGE_TAG, " ").strip() or None
 
 
 def batch_starts(n: int, batch_size: int, show_progress: bool, desc: str) -> Sequence[int]:
