@@ -68,7 +68,6 @@ def run(args: PaperEvalConfig) -> dict[str, Any]:
         LoraRetrieverConfig(top_k=args.top_k), pool=pool, embedder=get_embedder(EmbedderConfig())
     )
     retriever.check_embedder()
-    keys = pool.keys()
     samples = read_samples(args.test_data, limit=args.num_samples)
     alt = read_samples(args.test_alt, limit=args.num_samples) if args.test_alt else None
     own = [s.task for s in samples]
@@ -83,7 +82,7 @@ def run(args: PaperEvalConfig) -> dict[str, Any]:
         rows = rows if rows is not None else retriever.embed_queries([s.query for s in data])
         own_idx = [names.index(task_adapter(pool, s.task)) for s in data]
         result["retrieval"][wording] = {
-            f"top{k}": retrieval_accuracy(rows @ keys.T, own_idx, k) for k in (1, 3)
+            f"top{k}": retrieval_accuracy(retriever.similarities(rows), own_idx, k) for k in (1, 3)
         }
 
     model, tokenizer = get_model_tokenizer(args.model_type, args.model_path)
