@@ -3,22 +3,30 @@
     from lora_retriever.tasks.multimodal import caption_examples
 
     train = caption_examples("train", 4000, seed=0)      # [(PIL image, "What digit is this?", "7"), ...]
+    digits = caption_examples("train", 500, seed=0, domains=["digits"])
     heldout = caption_examples("heldout", 400, seed=0)   # images no task split (train/keys/test) uses
 
-The questions describe what an image shows (its labels), in wordings of their own; the task suite's
-instructions ask the same facts in other wordings and formats, which is what the adapters then teach.
+The questions describe what an image shows (its labels) in wordings of their own, every domain (``DOMAIN_NAMES``):
+digits ("What digit is this?" -> "7"), photo ("Which photo is this crop from?" -> "flower"), clock ("What
+time is it on this clock?" -> "3 o'clock"), calendar, shop ("What colour is the item on tile 2?" -> "red"),
+counter and map ("Where is the pin?" -> "top left"). The task suite's instructions ask about the same
+images in other wordings and answer formats (even/odd, ``TAP(n)``), which is what its adapters teach.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import random
+from collections.abc import Callable, Mapping, Sequence
 from itertools import cycle
+from types import MappingProxyType
+from typing import Any
 
 from PIL import Image
 
 from lora_retriever.tasks.multimodal.domains import ImageItem
 from lora_retriever.tasks.multimodal.partition import iter_partition, rng_for
 from lora_retriever.tasks.multimodal.registry import DOMAIN_NAMES, get_domain
+from lora_retriever.tasks.multimodal.screens import SHAPES
 
 __all__ = ["CAPTION_SPLITS", "CaptionExample", "caption_examples", "caption_questions"]
 
@@ -29,26 +37,77 @@ CaptionExample = tuple[Image.Image, str, str]
 """``(image, question, answer)``; the question has no ``<image>`` tag (the caller's template places it)."""
 
 
-def _digits(labels) -> list[tuple[str, str]]:
+Captioner = Callable[[Mapping[str, Any], random.Random], list[tuple[str, str]]]
+
+
+def _digits(labels, rng) -> list[tuple[str, str]]:
     digit = str(labels["digit"])
     return [("What digit is this?", digit), ("Which digit is written here?", digit)]
 
 
-def _photo(labels) -> list[tuple[str, str]]:
+def _photo(labels, rng) -> list[tuple[str, str]]:
     return [
         ("Which photo is this crop from?", labels["photo"]),
-        ("Is this crop from the china photo or the flower photo?", labels["photo"]),
-        ("Is this image bright or dark?", labels["brightness"]),
+        ("Is the lighting here bright or dark?", labels["brightness"]),
     ]
 
 
-CAPTIONERS: dict[str, Callable[..., list[tuple[str, str]]]] = {"digits": _digits, "photo": _photo}
-"""Domain name -> the ``(question, answer)`` pairs an item's labels support."""
+def _clock(labels, rng) -> list[tuple[str, str]]:
+    hour = labels["hour"]
+    return [
+        ("What time is it on this clock?", f"{hour} o'clock"),
+        ("Which hour is the short hand on?", str(hour)),
+    ]
 
 
-def caption_questions(item: ImageItem) -> list[tuple[str, str]]:
-    """Every ``(question, answer)`` pair about one image."""
-    return CAPTIONERS[item.domain](item.labels)
+def _calendar(labels, rng) -> list[tuple[str, str]]:
+    return [
+        ("Which day of this calendar is coloured?", str(labels["day"])),
+        ("How many days does this month have?", str(labels["days"])),
+    ]
+
+
+def _shop(labels, rng) -> list[tuple[str, str]]:
+    tiles = labels["tiles"]
+    tile = rng.randint(1, len(tiles))
+    colour, shape = tiles[tile - 1]
+    other = rng.choice(SHAPES)
+    return [
+        (f"What colour is the item on tile {tile}?", colour),
+        (f"What shape is on tile {tile}?", shape),
+        (f"Which tile shows the {colour} {shape}?", str(tile)),
+        (f"How many {other}s are there?", str(sum(s == other for _, s in tiles))),
+    ]
+
+
+def _counter(labels, rng) -> list[tuple[str, str]]:
+    return [("What does the display read?", str(labels["number"]))]
+
+
+def _map(labels, rng) -> list[tuple[str, str]]:
+    return [
+        ("Where is the pin?", labels["quadrant_name"]),
+        ("Which quadrant holds the pin?", labels["quadrant_name"]),
+    ]
+
+
+CAPTIONERS: Mapping[str, Captioner] = MappingProxyType(
+    {
+        "digits": _digits,
+        "photo": _photo,
+        "clock": _clock,
+        "calendar": _calendar,
+        "shop": _shop,
+        "counter": _counter,
+        "map": _map,
+    }
+)
+"""Domain name -> the ``(question, answer)`` pairs an item's labels support (some drawn with the rng)."""
+
+
+def caption_questions(item: ImageItem, rng: random.Random) -> list[tuple[str, str]]:
+    """The ``(question, answer)`` pairs about one image (questions about "tile k" pick ``k`` with ``rng``)."""
+    return CAPTIONERS[item.domain](item.labels, rng)
 
 
 def caption_examples(
@@ -84,6 +143,6 @@ def caption_examples(
     examples: list[CaptionExample] = []
     for domain, _ in zip(cycle(resolved), range(n)):
         item = next(sources[domain.name])
-        question, answer = question_rng.choice(caption_questions(item))
+        question, answer = question_rng.choice(caption_questions(item, question_rng))
         examples.append((domain.render(item), question, answer))
     return examples
