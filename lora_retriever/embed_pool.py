@@ -6,6 +6,11 @@ seed) with the embedder's instruction prefix, and write the mean vector as ``<na
 ``embedding_path`` get ``<config folder>/keys/<name>.npy``, recorded in the config through the one pool writer
 (``lora_retriever.pool_config.pool_transaction``), which re-reads the config under its lock: adapters
 registered while the keys were being built are kept.
+
+With an image embedder (``--image_embedder vision-tower --image_embedder_path DIR``), an adapter whose
+samples carry images also gets an image key: the mean over N samples with images of each sample's mean image
+embedding, normalised, in ``<name>.image.npy`` (``image_embedding_path``) with its ``.meta.json`` (which also
+records the fusion ``text_weight`` the pool is built for). Adapters without images get no image key.
 """
 
 from __future__ import annotations
@@ -15,11 +20,13 @@ import json
 import random
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from lora_retriever.index import DEFAULT_TEXT_WEIGHT
 from lora_retriever.pool import AdapterPool, key_meta_path
 from lora_retriever.pool_config import (
     config_relative_path,
@@ -32,19 +39,45 @@ from swift.utils.files import atomic_write_together
 
 logger = get_logger(__name__)
 
-__all__ = ["build_key", "embed_key", "embed_pool", "read_sample_texts", "write_key"]
+__all__ = [
+    "KeySample",
+    "build_image_key",
+    "build_key",
+    "choose_samples",
+    "embed_key",
+    "embed_pool",
+    "read_key_samples",
+    "read_sample_texts",
+    "write_key",
+]
+
+KEY_FIELDS = {"text": "embedding_path", "image": "image_embedding_path"}  # modality -> pool entry field
 
 
-def read_sample_texts(path: str | Path) -> list[tuple[str, str]]:
-    """``(sample id, input text)`` pairs from a training/test file.
+@dataclass(frozen=True)
+class KeySample:
+    """One sample an adapter key may be built from: its id, its text (``<image>`` tags removed; ``None``
+    for an image-only sample) and its image files (resolved against the samples file's folder)."""
 
-    Accepts a JSON list of ``{"input"|"query", ...}``, ``{"data": [...]}``, or JSONL of the same or of chat
-    ``messages`` (the last user turn is the input).
+    id: str
+    text: str | None
+    images: tuple[Path, ...] = ()
+
+
+def read_key_samples(path: str | Path) -> list[KeySample]:
+    """The samples of a training/test file, with their texts and image files.
+
+    Accepts a JSON list of ``{"input"|"query", "images"?, ...}``, ``{"data": [...]}``, or JSONL of the same
+    or of chat ``messages`` (the last user turn is the input; string content or a list of text/image parts).
+    Sample ids: the record's ``"id"``, else its index in a JSON list (``"3"``) or its JSONL line (``"line4"``).
 
     Raises:
-        FileNotFoundError: no such file.
-        ValueError: a record without an input (names its index or line).
+        FileNotFoundError: no such file, or an image file a record names is missing (names both).
+        ValueError: a record with neither an input text nor images, or malformed ``images`` (names its index
+            or line).
     """
+    from lora_retriever.embedders import retrieval_text
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"samples file {path} does not exist")
@@ -70,12 +103,18 @@ def read_sample_texts(path: str | Path) -> list[tuple[str, str]]:
         records = [(str(i), item) for i, item in enumerate(items)]
     out = []
     for where, record in records:
-        text_in = _input_text(record)
-        if text_in is None:
-            raise ValueError(f"{path} record {where}: no 'input', 'query' or user message to embed")
+        sample_text = retrieval_text(_input_text(record))
+        images = _image_files(record, path, where)
+        if sample_text is None and not images:
+            raise ValueError(f"{path} record {where}: no 'input', 'query', user message or images to embed")
         sample_id = str(record.get("id", where)) if isinstance(record, dict) else where
-        out.append((sample_id, text_in))
+        out.append(KeySample(sample_id, sample_text, images))
     return out
+
+
+def read_sample_texts(path: str | Path) -> list[tuple[str, str]]:
+    """``(sample id, input text)`` of the samples of a file that have text (see ``read_key_samples``)."""
+    return [(sample.id, sample.text) for sample in read_key_samples(path) if sample.text is not None]
 
 
 def _input_text(record: Any) -> str | None:
@@ -89,7 +128,36 @@ def _input_text(record: Any) -> str | None:
         users = [m.get("content") for m in messages if isinstance(m, dict) and m.get("role") == "user"]
         if users and isinstance(users[-1], str):
             return users[-1]
+        if users and isinstance(users[-1], list):  # content parts: the text parts, in order
+            return " ".join(
+                p["text"] for p in users[-1] if isinstance(p, dict) and isinstance(p.get("text"), str)
+            )
     return None
+
+
+def _image_files(record: Any, path: Path, where: str) -> tuple[Path, ...]:
+    images = record.get("images") if isinstance(record, dict) else None
+    if images is None:
+        return ()
+    images = [images] if isinstance(images, str) else images
+    if not isinstance(images, list) or not all(isinstance(i, str) and i for i in images):
+        raise ValueError(f"{path} record {where}: 'images' must be a list of image file paths")
+    files = []
+    for image in images:
+        file = Path(image).expanduser()
+        file = file if file.is_absolute() else path.parent / file
+        if not file.is_file():
+            raise FileNotFoundError(
+                f"{path} record {where}: image file {file} does not exist; fix the path or remove the image"
+            )
+        files.append(file)
+    return tuple(files)
+
+
+def choose_samples(samples: Sequence[Any], n: int, seed: int = 0) -> list[Any]:
+    """``n`` of ``samples`` (all if fewer) chosen with ``seed``: the one rule for text and image keys, so
+    both keys of an adapter whose samples all have text and images average the same samples."""
+    return random.Random(seed).sample(list(samples), min(n, len(samples)))
 
 
 def build_key(
@@ -98,11 +166,46 @@ def build_key(
     """Mean (then normalised) embedding of ``n`` samples chosen with ``seed``; returns ``(key, sample ids)``."""
     if not samples:
         raise ValueError("no samples to build a key from")
-    chosen = random.Random(seed).sample(list(samples), min(n, len(samples)))
+    chosen = choose_samples(samples, n, seed)
     vectors = embedder.encode_queries([t for _, t in chosen])
-    key = vectors.mean(axis=0)
-    key = key / max(float(np.linalg.norm(key)), 1e-12)
-    return key.astype(np.float32), [i for i, _ in chosen]
+    return _unit(vectors.mean(axis=0)), [i for i, _ in chosen]
+
+
+def build_image_key(
+    image_embedder: Any, samples: Sequence[tuple[str, Sequence[Path]]], n: int, seed: int = 0
+) -> tuple[np.ndarray, list[str]]:
+    """An image key: ``n`` samples chosen with ``seed``; each sample's vector is the mean of its images'
+    normalised embeddings, renormalised; the key is the mean of those, normalised.
+
+    Args:
+        image_embedder: an embedder with ``encode_images``.
+        samples: ``(sample id, image files)`` pairs, each with at least one image.
+
+    Returns:
+        ``(key [dim], sample ids)``.
+
+    Raises:
+        ValueError: no samples, a sample without images, or an unreadable image file (named).
+    """
+    from lora_retriever.data import load_image
+    from lora_retriever.embedders import l2_normalize
+
+    if not samples:
+        raise ValueError("no samples with images to build an image key from")
+    chosen = choose_samples(samples, n, seed)
+    bare = [sample_id for sample_id, files in chosen if not files]
+    if bare:
+        raise ValueError(
+            f"samples {bare[:10]} have no images; an image key is built from samples with images"
+        )
+    flat = image_embedder.encode_images([load_image(f) for _, files in chosen for f in files])
+    bounds = np.cumsum([0] + [len(files) for _, files in chosen])
+    per_sample = l2_normalize(np.stack([flat[a:b].mean(axis=0) for a, b in zip(bounds[:-1], bounds[1:])]))
+    return _unit(per_sample.mean(axis=0)), [i for i, _ in chosen]
+
+
+def _unit(vector: np.ndarray) -> np.ndarray:
+    return (vector / max(float(np.linalg.norm(vector)), 1e-12)).astype(np.float32)
 
 
 def write_key(path: str | Path, key: np.ndarray, meta: dict[str, Any]) -> None:
@@ -117,20 +220,44 @@ def write_key(path: str | Path, key: np.ndarray, meta: dict[str, Any]) -> None:
 def embed_key(
     key_path: str | Path,
     embedder: Any,
-    samples: Sequence[tuple[str, str]],
+    samples: Sequence[tuple[str, str]] | Sequence[tuple[str, Sequence[Path]]],
     *,
+    modality: str = "text",
     num_samples: int = 20,
     seed: int = 0,
     samples_path: str | Path | None = None,
+    text_weight: float | None = None,
 ) -> list[str]:
-    """Build one adapter's key from ``samples`` (``build_key``) and write it with its metadata (``write_key``).
+    """Build one adapter's key from ``samples`` and write it with its metadata (``write_key``).
+
+    Args:
+        key_path: the ``.npy`` to write (its ``.meta.json`` goes beside it).
+        embedder: the text embedder (``modality="text"``) or the image embedder (``"image"``).
+        samples: ``(sample id, text)`` pairs for a text key (``build_key``), ``(sample id, image files)`` for
+            an image key (``build_image_key``).
+        num_samples / seed: how many samples go into the key, and which (``choose_samples``).
+        samples_path: recorded in the metadata.
+        text_weight: image keys only: the fusion weight ``a`` the pool is built for (default 0.7, the seed's),
+            recorded in the metadata; the retriever uses it unless told otherwise.
 
     Returns:
         The ids of the samples averaged into the key.
+
+    Raises:
+        ValueError: unknown ``modality``, or no usable samples.
     """
-    key, ids = build_key(embedder, samples, num_samples, seed)
+    if modality == "text":
+        key, ids = build_key(embedder, samples, num_samples, seed)
+        extra: dict[str, Any] = {}
+    elif modality == "image":
+        key, ids = build_image_key(embedder, samples, num_samples, seed)
+        extra = {"text_weight": DEFAULT_TEXT_WEIGHT if text_weight is None else float(text_weight)}
+    else:
+        raise ValueError(f"modality must be 'text' or 'image', got {modality!r}")
     meta = {
         **embedder.meta("query").to_dict(),
+        **extra,
+        "modality": modality,
         "sample_ids": ids,
         "num_samples": len(ids),
         "seed": seed,
@@ -145,6 +272,8 @@ def embed_pool(
     config_path: str | Path,
     embedder: Any,
     *,
+    image_embedder: Any | None = None,
+    text_weight: float | None = None,
     num_samples: int = 20,
     seed: int = 0,
     names: Sequence[str] | None = None,
@@ -153,13 +282,24 @@ def embed_pool(
 ) -> AdapterPool:
     """Build keys for the entries of one pool config (all, or ``names``); returns the updated pool.
 
-    Every input is checked before the first key is embedded (names known, samples present and readable).
-    Key paths chosen for entries that had none are written into the config under its lock, after a fresh read:
-    entries added or changed meanwhile (e.g. by a training's ``--register_pool``) are kept.
+    Every input is checked before the first key is embedded (names known, samples present and readable,
+    image files present). Key paths chosen for entries that had none are written into the config under its
+    lock, after a fresh read: entries added or changed meanwhile (e.g. by a training's ``--register_pool``)
+    are kept.
+
+    Args:
+        config_path: the pool config.
+        embedder: the text embedder (every entry gets a text key from its samples with text).
+        image_embedder: an image embedder (e.g. ``vision-tower``): entries whose samples carry images also
+            get an image key (``image_embedding_path``); ``None``: text keys only.
+        text_weight: the fusion weight recorded with the image keys (default 0.7).
+        num_samples / seed: samples per key, and which (the same rule for both keys).
+        names: only these entries.
 
     Raises:
         PoolValidationError / ValueError: bad config, unknown ``names``, an entry without ``samples_path``,
-            unreadable samples (every such entry named at once).
+            unreadable samples, an entry without any sample text (every such entry named at once).
+        FileNotFoundError: an image file a sample names is missing (inside the problems list).
     """
     from tqdm.auto import tqdm
 
@@ -177,52 +317,71 @@ def embed_pool(
             problems.append(f"{entry.lora_name!r} has no samples_path (keys are built from its own samples)")
             continue
         try:
-            samples[entry.lora_name] = read_sample_texts(entry.samples_path)
+            samples[entry.lora_name] = read_key_samples(entry.samples_path)
         except (OSError, UnicodeDecodeError, ValueError) as err:
             problems.append(f"{entry.lora_name!r}: {err}")
             continue
         if not samples[entry.lora_name]:
             problems.append(f"{entry.lora_name!r}: samples file {entry.samples_path} holds no records")
+        elif not any(sample.text for sample in samples[entry.lora_name]):
+            problems.append(
+                f"{entry.lora_name!r}: samples file {entry.samples_path} holds no sample with text (image-only); "
+                "a text key needs some"
+            )
     if problems:
         raise ValueError(
             f"cannot build the keys of {config_path}:\n" + "\n".join(f"  - {p}" for p in problems)
         )
-    new_paths: dict[str, Path] = {}
+    new_paths: dict[str, dict[str, Path]] = {field: {} for field in KEY_FIELDS.values()}
     for entry in tqdm(todo, desc="adapter keys", disable=not progress):
-        key_path = entry.embedding_path or default_key_path(config_path, entry.lora_name)
-        embed_key(
-            key_path,
-            embedder,
-            samples[entry.lora_name],
-            num_samples=num_samples,
-            seed=seed,
-            samples_path=entry.samples_path,
-        )
-        if entry.embedding_path is None:
-            new_paths[entry.lora_name] = key_path
-    if new_paths:
+        entry_samples = samples[entry.lora_name]
+        keys = {"text": (embedder, [(s.id, s.text) for s in entry_samples if s.text])}
+        with_images = [(s.id, s.images) for s in entry_samples if s.images]
+        if image_embedder is not None and with_images:
+            keys["image"] = (image_embedder, with_images)
+        elif image_embedder is not None:
+            logger.info("%r: its samples have no images, so it gets no image key", entry.lora_name)
+        for modality, (key_embedder, key_samples) in keys.items():
+            field = KEY_FIELDS[modality]
+            key_path = getattr(entry, field) or default_key_path(config_path, entry.lora_name, modality)
+            embed_key(
+                key_path,
+                key_embedder,
+                key_samples,
+                modality=modality,
+                num_samples=num_samples,
+                seed=seed,
+                samples_path=entry.samples_path,
+                text_weight=text_weight,
+            )
+            if getattr(entry, field) is None:
+                new_paths[field][entry.lora_name] = key_path
+    if any(new_paths.values()):
         _record_key_paths(config_path, new_paths, lock_timeout)
     return AdapterPool.from_configs(config_path)
 
 
-def _record_key_paths(config_path: Path, key_paths: dict[str, Path], lock_timeout: float) -> None:
-    """Set ``embedding_path`` of the named entries that still have none, in the config as it is now."""
-    pending = dict(key_paths)
+def _record_key_paths(config_path: Path, key_paths: dict[str, dict[str, Path]], lock_timeout: float) -> None:
+    """Set ``field`` (``embedding_path`` / ``image_embedding_path``) of the named entries that still have
+    none, in the config as it is now (``key_paths``: field -> adapter name -> key file)."""
+    pending = {(field, name): path for field, paths in key_paths.items() for name, path in paths.items()}
     with pool_transaction(config_path, lock_timeout=lock_timeout) as entries:
         for entry in entries:
-            key_path = pending.pop(entry.get("lora_name"), None)
-            if key_path is None:
-                continue
-            if entry.get("embedding_path"):
-                logger.warning(
-                    "%r got embedding_path %s while its key was being built; keeping it (the new key is at %s)",
-                    entry["lora_name"],
-                    entry["embedding_path"],
-                    key_path,
-                )
-            else:
-                entry["embedding_path"] = config_relative_path(key_path, config_path.parent)
-    for name, key_path in pending.items():
+            for field in KEY_FIELDS.values():
+                key_path = pending.pop((field, entry.get("lora_name")), None)
+                if key_path is None:
+                    continue
+                if entry.get(field):
+                    logger.warning(
+                        "%r got %s %s while its key was being built; keeping it (the new key is at %s)",
+                        entry["lora_name"],
+                        field,
+                        entry[field],
+                        key_path,
+                    )
+                else:
+                    entry[field] = config_relative_path(key_path, config_path.parent)
+    for (_, name), key_path in pending.items():
         logger.warning(
             "%r left %s while its key was being built; its key %s is unused", name, config_path, key_path
         )

@@ -21,6 +21,7 @@ import numpy as np
 from lora_retriever.embedders.meta import EmbeddingMeta
 
 __all__ = [
+    "DEFAULT_TEXT_WEIGHT",
     "INDEX_KINDS",
     "MODALITIES",
     "ExactIndex",
@@ -35,6 +36,9 @@ __all__ = [
 
 #: which parts of a query are scored: its text, its images, or both fused.
 MODALITIES = ("text", "image", "fused")
+#: the text weight ``a`` of score fusion when neither the retriever config nor the image keys give one: the
+#: seed's 0.7 (``0.7 * text + 0.3 * image``).
+DEFAULT_TEXT_WEIGHT = 0.7
 
 INDEX_KINDS = ("auto", "exact", "faiss-flat", "faiss-hnsw")
 AUTO_HNSW_MIN_KEYS = 50_000  # below this, exact search is ~1 ms or less per query on one core
@@ -195,7 +199,7 @@ def fused_similarities(
     text_keys: np.ndarray,
     image_keys: np.ndarray | None = None,
     image_key_mask: np.ndarray | None = None,
-    text_weight: float = 0.7,
+    text_weight: float = DEFAULT_TEXT_WEIGHT,
 ) -> np.ndarray:
     """Score-level fusion of text and image cosine similarities, exactly, for every query and adapter.
 

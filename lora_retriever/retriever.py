@@ -26,8 +26,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from lora_retriever.embedders.config import validate_text_weight
 from lora_retriever.embedders.meta import EmbeddingMeta, check_compatible
 from lora_retriever.index import (
+    DEFAULT_TEXT_WEIGHT,
     INDEX_KINDS,
     MODALITIES,
     KeyIndex,
@@ -57,8 +59,6 @@ __all__ = [
 ]
 
 WEIGHT_MODES = ("uniform", "softmax", "similarity")
-#: the text weight ``a`` of score fusion when neither the config nor the image keys give one (the seed's).
-DEFAULT_TEXT_WEIGHT = 0.7
 
 
 @dataclass
@@ -107,15 +107,7 @@ class LoraRetrieverConfig:
             raise ValueError(f"index must be one of {INDEX_KINDS}, got {self.index!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size!r}")
-        if self.text_weight is not None and (
-            isinstance(self.text_weight, bool)
-            or not isinstance(self.text_weight, int | float)
-            or not 0.0 <= self.text_weight <= 1.0
-        ):
-            raise ValueError(
-                f"text_weight must be a number in [0, 1] (the text share of the fused score) or None, "
-                f"got {self.text_weight!r}"
-            )
+        self.text_weight = validate_text_weight(self.text_weight)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LoraRetrieverConfig:

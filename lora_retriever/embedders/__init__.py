@@ -21,6 +21,7 @@ from lora_retriever.embedders.base import (
 )
 from lora_retriever.embedders.config import (
     EmbedderConfig,
+    ImageRetrievalConfig,
     validate_adapter_path,
     validate_fusion_weights,
     validate_vision_dir,
@@ -33,6 +34,7 @@ __all__ = [
     "Embedder",
     "EmbedderConfig",
     "EmbeddingMeta",
+    "ImageRetrievalConfig",
     "UnsupportedInputError",
     "check_compatible",
     "get_embedder",

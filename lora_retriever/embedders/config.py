@@ -17,11 +17,14 @@ from typing import Any
 __all__ = [
     "BACKENDS",
     "DTYPES",
+    "IMAGE_BACKENDS",
     "EmbedderConfig",
+    "ImageRetrievalConfig",
     "VISION_MODEL_TYPES",
     "check_remote_code_allowed",
     "validate_adapter_path",
     "validate_fusion_weights",
+    "validate_text_weight",
     "validate_vision_dir",
 ]
 
@@ -31,6 +34,8 @@ ADAPTER_CONFIG_NAME = "adapter_config.json"
 #: ``config.json`` model types the ``vision-tower`` backend loads: a LLaVA VLM (its vision tower) or a plain
 #: CLIP / SigLIP vision model.
 VISION_MODEL_TYPES = ("llava", "clip_vision_model", "siglip_vision_model")
+#: backends that can be a retriever's image embedder.
+IMAGE_BACKENDS = ("vision-tower", "clip")
 _VISION_FIX = (
     "pass model_path (--image_embedder_path) a local LLaVA directory (LlavaForConditionalGeneration + its "
     "processor) or a CLIPVisionModel / SiglipVisionModel directory with its image processor"
@@ -147,6 +152,27 @@ def validate_fusion_weights(text_weight: float, image_weight: float) -> tuple[fl
             "give at least one a positive weight (default 0.5 / 0.5)"
         )
     return out[0], out[1]
+
+
+def validate_text_weight(text_weight: float | None) -> float | None:
+    """Check the score-fusion text weight ``a`` (``a * cos(text) + (1 - a) * cos(image)``): a number in
+    ``[0, 1]``, or ``None`` (use the weight stored with the image keys, else 0.7).
+
+    Raises:
+        ValueError: naming the value and the range.
+    """
+    if text_weight is None:
+        return None
+    if (
+        isinstance(text_weight, bool)
+        or not isinstance(text_weight, (int, float))
+        or not 0 <= text_weight <= 1
+    ):
+        raise ValueError(
+            f"text_weight must be a number in [0, 1] (the text share of the fused retrieval score) or None, "
+            f"got {text_weight!r}"
+        )
+    return float(text_weight)
 
 
 @dataclass
@@ -275,3 +301,52 @@ class EmbedderConfig:
         if unknown:
             raise ValueError(f"unknown EmbedderConfig keys {unknown}; valid keys are {sorted(known)}")
         return cls(**data)
+
+
+@dataclass
+class ImageRetrievalConfig:
+    """The image side of retrieval (score-level fusion), as the entry points take it: which image embedder
+    builds image keys and embeds query images, and the fusion weight.
+
+    Attributes:
+        image_embedder: ``"vision-tower"`` (a VLM's vision tower) or ``"clip"``; ``None`` with a path means
+            ``"vision-tower"``; ``None`` without one: no image keys, text-only retrieval.
+        image_embedder_path: the local model directory (checked up front: exists, a vision model, has an
+            image processor).
+        text_weight: ``a`` in ``a * cos(text) + (1 - a) * cos(image)``; ``None`` = the weight stored with the
+            image keys, else 0.7 (the seed's).
+    """
+
+    image_embedder: str | None = field(
+        default=None,
+        metadata={
+            "help": "image embedder for image keys and image-aware retrieval (vision-tower: a VLM's vision tower)",
+            "choices": IMAGE_BACKENDS,
+        },
+    )
+    image_embedder_path: str | None = field(
+        default=None,
+        metadata={"help": "local LLaVA / CLIP-vision / SigLIP-vision directory for --image_embedder"},
+    )
+    text_weight: float | None = field(
+        default=None,
+        metadata={"help": "a in a*cos(text) + (1-a)*cos(image); None = stored with the image keys, else 0.7"},
+    )
+
+    def __post_init__(self) -> None:
+        if self.image_embedder is not None and self.image_embedder not in IMAGE_BACKENDS:
+            raise ValueError(f"image_embedder must be one of {IMAGE_BACKENDS}, got {self.image_embedder!r}")
+        if self.image_embedder is not None and self.image_embedder_path is None:
+            raise ValueError(
+                f"--image_embedder {self.image_embedder} needs --image_embedder_path: a local model directory"
+            )
+        if self.image_embedder is None and self.image_embedder_path is not None:
+            self.image_embedder = "vision-tower"
+        self.text_weight = validate_text_weight(self.text_weight)
+        self.embedder_config()  # checks the directory before any model loads
+
+    def embedder_config(self, device: str = "cpu") -> EmbedderConfig | None:
+        """The image embedder's ``EmbedderConfig`` (validated), or ``None`` when none is asked for."""
+        if self.image_embedder is None:
+            return None
+        return EmbedderConfig(backend=self.image_embedder, model_path=self.image_embedder_path, device=device)

@@ -36,8 +36,11 @@ class EmbeddingMeta:
     text_weight: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """As a JSON-serialisable dict."""
-        return asdict(self)
+        """As a JSON-serialisable dict (``text_weight`` only when set: text keys have none)."""
+        data = asdict(self)
+        if data["text_weight"] is None:
+            del data["text_weight"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EmbeddingMeta:

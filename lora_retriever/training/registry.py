@@ -8,7 +8,8 @@ concurrent registrations both survive; a crash leaves the old file intact.
 ``register_trained_adapter`` does both for a freshly trained adapter (``train.py --register_pool``).
 
 ``write_adapter_key`` builds an adapter's retrieval key (mean embedding of N of its samples) into
-``<config folder>/keys/<name>.npy`` with its ``.meta.json``, as ``python -m lora_retriever.embed_pool`` does.
+``<config folder>/keys/<name>.npy`` with its ``.meta.json``, as ``python -m lora_retriever.embed_pool`` does;
+with ``modality="image"`` its image key (mean image embedding) into ``<config folder>/keys/<name>.image.npy``.
 """
 
 from __future__ import annotations
@@ -74,34 +75,50 @@ def register_adapter(
 def write_adapter_key(
     config_path: str | Path,
     lora_name: str,
-    samples: Sequence[tuple[str, str]],
+    samples: Sequence[tuple[str, str]] | Sequence[tuple[str, Sequence[Path]]],
     *,
     embedder: Any,
+    modality: str = "text",
     num_samples: int = 20,
     seed: int = 0,
     samples_path: str | Path | None = None,
+    text_weight: float | None = None,
 ) -> Path:
-    """Embed ``num_samples`` of ``samples`` into ``<config folder>/keys/<lora_name>.npy`` (+ ``.meta.json``).
+    """Embed ``num_samples`` of ``samples`` into ``<config folder>/keys/<lora_name>.npy`` (+ ``.meta.json``),
+    or for ``modality="image"`` into ``<lora_name>.image.npy``.
 
     Args:
         config_path: the pool config the key belongs to.
         lora_name: the adapter's name (the key file's name).
-        samples: ``(sample id, input text)`` pairs, e.g. the training split.
-        embedder: a ``lora_retriever.embedders.Embedder`` (keys are built with ``encode_queries``).
+        samples: ``(sample id, input text)`` pairs (text key), or ``(sample id, image files)`` pairs (image
+            key), e.g. from the training split.
+        embedder: a ``lora_retriever.embedders.Embedder``: the text embedder (``encode_queries``) or the image
+            embedder (``encode_images``).
+        modality: ``"text"`` or ``"image"``.
         num_samples: samples averaged into the key (all if fewer).
         seed: chooses the samples.
         samples_path: recorded in the metadata.
+        text_weight: image keys: the fusion weight recorded with them (default 0.7).
 
     Returns:
         The key file's path.
     """
     from lora_retriever.embed_pool import embed_key
 
-    key_path = default_key_path(config_path, lora_name)
+    key_path = default_key_path(config_path, lora_name, modality)
     ids = embed_key(
-        key_path, embedder, samples, num_samples=num_samples, seed=seed, samples_path=samples_path
+        key_path,
+        embedder,
+        samples,
+        modality=modality,
+        num_samples=num_samples,
+        seed=seed,
+        samples_path=samples_path,
+        text_weight=text_weight,
     )
-    logger.info("wrote the retrieval key of %r (%d samples) to %s", lora_name, len(ids), key_path)
+    logger.info(
+        "wrote the %s retrieval key of %r (%d samples) to %s", modality, lora_name, len(ids), key_path
+    )
     return key_path
 
 
@@ -117,9 +134,12 @@ def register_trained_adapter(
     seed: int = 0,
     copy_samples: bool = False,
     fields: dict[str, Any] | None = None,
+    image_embedder: Any | None = None,
+    image_samples: Sequence[tuple[str, Sequence[Path]]] = (),
+    text_weight: float | None = None,
 ) -> dict[str, Any]:
-    """Write the adapter's retrieval key, then add (or replace) its pool entry; the entry comes last, so the
-    config never names a key that isn't there yet.
+    """Write the adapter's retrieval key (and image key), then add (or replace) its pool entry; the entry
+    comes last, so the config never names a key that isn't there yet.
 
     Args:
         config_path: the pool config JSON.
@@ -131,6 +151,10 @@ def register_trained_adapter(
         embedder: embeds the key samples (``encode_queries``).
         num_key_samples / seed: how many samples go into the key, and which.
         fields: more entry fields (``description``, ``task``, ``category``, ``base_model``, ...).
+        image_embedder: with ``image_samples``, builds the adapter's image key (``image_embedding_path``);
+            ``None``, or no sample with images: no image key (the adapter is scored on text alone).
+        image_samples: ``(sample id, image files)`` of the samples that have images.
+        text_weight: the fusion weight recorded with the image key (default 0.7).
 
     Returns:
         The entry as stored.
@@ -166,6 +190,22 @@ def register_trained_adapter(
         "samples_path": str(samples_path),
         **(fields or {}),
     }
+    if image_embedder is not None and image_samples:
+        entry["image_embedding_path"] = str(
+            write_adapter_key(
+                config_path,
+                lora_name,
+                image_samples,
+                embedder=image_embedder,
+                modality="image",
+                num_samples=num_key_samples,
+                seed=seed,
+                samples_path=samples_path,
+                text_weight=text_weight,
+            )
+        )
+    elif image_embedder is not None:
+        logger.info("%r: no training sample has images, so it gets no image key", lora_name)
     return register_adapter(config_path, entry)
 
 
