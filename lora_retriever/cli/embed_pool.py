@@ -4,7 +4,9 @@
 
 For every entry, N of its samples (``samples_path``) are embedded and their mean is written as the entry's
 key (``<name>.npy`` + ``<name>.meta.json``); entries without an ``embedding_path`` get one in the config,
-written through the locked pool writer. Everything is checked before the embedder loads.
+written through the locked pool writer. With ``--image_embedder vision-tower --image_embedder_path DIR``,
+entries whose samples carry images also get an image key (``<name>.image.npy``, ``image_embedding_path``).
+Everything is checked before the embedder loads.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import dataclass, field
 
 from lora_retriever.cli.args import add_config_arguments, command_parser, config_from_args
 from lora_retriever.cli.errors import run_cli
-from lora_retriever.embedders.config import EmbedderConfig
+from lora_retriever.embedders.config import EmbedderConfig, ImageRetrievalConfig
 
 __all__ = ["EmbedPoolConfig", "build_parser", "main"]
 
@@ -41,7 +43,7 @@ class EmbedPoolConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = command_parser(__doc__, EmbedPoolConfig)
+    parser = command_parser(__doc__, EmbedPoolConfig, ImageRetrievalConfig)
     add_config_arguments(
         parser,
         EmbedderConfig,
@@ -62,19 +64,27 @@ def _embed(args: argparse.Namespace) -> int:
 
     config = config_from_args(EmbedPoolConfig, args)
     embedder_config = config_from_args(EmbedderConfig, args)  # validated (e.g. jina-v4's --trust_remote_code)
+    image = config_from_args(ImageRetrievalConfig, args)  # the image embedder's directory is checked here
     for path in config.pools:  # a broken pool config fails before the embedder loads
         AdapterPool.from_configs(path, require_keys=False)
     embedder = get_embedder(embedder_config)
+    image_config = image.embedder_config(device=embedder_config.device)
+    image_embedder = get_embedder(image_config) if image_config is not None else None
     for path in config.pools:
         pool = embed_pool(
             path,
             embedder,
+            image_embedder=image_embedder,
+            text_weight=image.text_weight,
             num_samples=config.samples,
             seed=config.seed,
             names=config.only,
             progress=not args.quiet,
         )
         print(f"{path}: {len(pool)} adapter keys ({embedder.model_id}, dim {embedder.dim})")
+        if image_embedder is not None:
+            n_image = int(pool.image_key_mask().sum())
+            print(f"{path}: {n_image} image keys ({image_embedder.model_id}, dim {image_embedder.dim})")
     return 0
 
 
