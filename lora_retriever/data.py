@@ -20,7 +20,7 @@ from typing import Any
 
 from swift.llm.template import IMAGE_TAG
 
-__all__ = ["Sample", "read_samples"]
+__all__ = ["Sample", "load_image", "read_samples"]
 
 
 @dataclass
@@ -37,10 +37,34 @@ class Sample:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def load_images(self):
-        """The images as RGB PIL images."""
-        from PIL import Image
+        """The images as RGB PIL images (``load_image``: an unreadable file is an error naming it)."""
+        return [load_image(p, where=f"sample {self.id}") for p in self.images]
 
-        return [Image.open(p).convert("RGB") for p in self.images]
+
+def load_image(path: str | Path, where: str | None = None):
+    """One image file as an RGB PIL image, decoded now (not lazily).
+
+    Args:
+        path: the image file.
+        where: what names it (e.g. ``"sample 7"``), for the message.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is not a decodable image (truncated, corrupt, not an image), naming it and the fix.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    prefix = f"{where}: " if where else ""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{prefix}image file {path} does not exist") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise ValueError(
+            f"{prefix}image file {path} is unreadable ({err}); replace it with a valid image (PNG, JPEG, ...) "
+            "or remove it from the data"
+        ) from err
 
 
 def read_samples(path: str | Path, *, limit: int | None = None, check_images: bool = True) -> list[Sample]:
