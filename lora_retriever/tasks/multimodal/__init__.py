@@ -28,7 +28,15 @@ from lora_retriever.tasks.multimodal.actions import (
 from lora_retriever.tasks.multimodal.captions import CAPTION_SPLITS, caption_examples, caption_questions
 from lora_retriever.tasks.multimodal.domains import IMAGE_SIZE, PARTITIONS, ImageDomain, ImageItem
 from lora_retriever.tasks.multimodal.partition import draw_items, partition_of
-from lora_retriever.tasks.multimodal.registry import DOMAIN_NAMES, DOMAINS, get_domain
+from lora_retriever.tasks.multimodal.registry import (
+    CATEGORIES,
+    DOMAIN_NAMES,
+    DOMAINS,
+    MULTIMODAL_TASK_NAMES,
+    MULTIMODAL_TASKS,
+    get_domain,
+    get_multimodal_task,
+)
 from lora_retriever.tasks.multimodal.splits import (
     DEFAULT_N_KEYS,
     DEFAULT_N_TEST,
@@ -39,13 +47,7 @@ from lora_retriever.tasks.multimodal.splits import (
     build_image_splits,
 )
 from lora_retriever.tasks.multimodal.suite import write_multimodal_suite
-from lora_retriever.tasks.multimodal.tasks import (
-    CATEGORIES,
-    MULTIMODAL_TASK_NAMES,
-    MULTIMODAL_TASKS,
-    ImageTask,
-    get_multimodal_task,
-)
+from lora_retriever.tasks.multimodal.tasks import ImageTask
 
 __all__ = [
     "CAPTION_SPLITS",

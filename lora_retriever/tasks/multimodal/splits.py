@@ -17,8 +17,9 @@ from PIL import Image
 
 from lora_retriever.tasks.multimodal.domains import ImageItem
 from lora_retriever.tasks.multimodal.partition import draw_items, rng_for
-from lora_retriever.tasks.multimodal.registry import get_domain
-from lora_retriever.tasks.multimodal.tasks import ImageTask, get_multimodal_task
+from lora_retriever.tasks.multimodal.registry import get_domain, get_multimodal_task
+from lora_retriever.tasks.multimodal.tasks import ImageTask
+from lora_retriever.tasks.splits import SPLIT_NAMES, TaskSplits
 
 __all__ = [
     "DEFAULT_N_KEYS",
@@ -33,7 +34,6 @@ __all__ = [
 DEFAULT_N_TRAIN = 300
 DEFAULT_N_KEYS = 20
 DEFAULT_N_TEST = 20
-SPLIT_NAMES = ("train", "keys", "test", "test_alt")
 SPLIT_PARTITIONS = {"train": "train", "keys": "keys", "test": "test"}
 """Split -> the image partition its images come from (``test_alt`` reuses ``test``'s images)."""
 
@@ -99,22 +99,14 @@ class ImageRecord:
 
 
 @dataclass(frozen=True)
-class ImageTaskSplits:
-    """The four splits of one image task; ``test_alt[i]`` asks about ``test[i]``'s image in another wording."""
+class ImageTaskSplits(TaskSplits):
+    """The four splits of one image task (the text suite's :class:`~lora_retriever.tasks.splits.TaskSplits`
+    holding :class:`ImageRecord` s); ``test_alt[i]`` asks about ``test[i]``'s image in another wording."""
 
-    task: str
     train: list[ImageRecord]
     keys: list[ImageRecord]
     test: list[ImageRecord]
     test_alt: list[ImageRecord]
-
-    def split(self, name: str) -> list[ImageRecord]:
-        if name not in SPLIT_NAMES:
-            raise ValueError(f"unknown split {name!r}; splits are {', '.join(SPLIT_NAMES)}")
-        return getattr(self, name)
-
-    def counts(self) -> dict[str, int]:
-        return {name: len(self.split(name)) for name in SPLIT_NAMES}
 
 
 def build_image_splits(

@@ -31,7 +31,7 @@ from typing import Any
 
 from lora_retriever.tasks.multimodal.domains import IMAGE_SIZE, PARTITION_SHARES
 from lora_retriever.tasks.multimodal.partition import rng_for
-from lora_retriever.tasks.multimodal.registry import get_domain
+from lora_retriever.tasks.multimodal.registry import MULTIMODAL_TASK_NAMES, get_domain, get_multimodal_task
 from lora_retriever.tasks.multimodal.splits import (
     DEFAULT_N_KEYS,
     DEFAULT_N_TEST,
@@ -41,7 +41,6 @@ from lora_retriever.tasks.multimodal.splits import (
     ImageTaskSplits,
     build_image_splits,
 )
-from lora_retriever.tasks.multimodal.tasks import MULTIMODAL_TASK_NAMES, get_multimodal_task
 from lora_retriever.tasks.suite import _versions
 from swift.utils import get_logger
 

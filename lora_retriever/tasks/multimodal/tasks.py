@@ -15,8 +15,6 @@ an hour), ``parity`` (even or odd), ``screen_actions`` (next action ``TAP(n)`` o
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
-from types import MappingProxyType
 from typing import Any, ClassVar
 
 from lora_retriever.metrics import exact_match, normalize_answer
@@ -24,11 +22,18 @@ from lora_retriever.tasks.multimodal.actions import TAP, format_action, normaliz
 from lora_retriever.tasks.multimodal.domains import ImageItem
 
 __all__ = [
-    "CATEGORIES",
-    "MULTIMODAL_TASKS",
-    "MULTIMODAL_TASK_NAMES",
+    "CalendarDayTask",
+    "CalendarTapTask",
+    "ClockHourTask",
+    "CounterParityTask",
+    "CounterValueTask",
+    "DigitParityTask",
+    "DigitValueTask",
     "ImageTask",
-    "get_multimodal_task",
+    "MapTapTask",
+    "PhotoBrightnessTask",
+    "PhotoSourceTask",
+    "ShopTapTask",
 ]
 
 _NUMBER_WORDINGS = (
@@ -322,44 +327,3 @@ class PhotoBrightnessTask(ImageTask):
 
     def answer(self, item: ImageItem) -> str:
         return item.labels["brightness"]
-
-
-MULTIMODAL_TASKS: Mapping[str, type[ImageTask]] = MappingProxyType(
-    {
-        cls.name: cls
-        for cls in (
-            DigitValueTask,
-            CounterValueTask,
-            ClockHourTask,
-            CalendarDayTask,
-            DigitParityTask,
-            CounterParityTask,
-            ShopTapTask,
-            CalendarTapTask,
-            MapTapTask,
-            PhotoSourceTask,
-            PhotoBrightnessTask,
-        )
-    }
-)
-MULTIMODAL_TASK_NAMES: tuple[str, ...] = tuple(MULTIMODAL_TASKS)
-CATEGORIES: Mapping[str, tuple[str, ...]] = MappingProxyType(
-    {
-        category: tuple(name for name, cls in MULTIMODAL_TASKS.items() if cls.category == category)
-        for category in dict.fromkeys(cls.category for cls in MULTIMODAL_TASKS.values())
-    }
-)
-"""Category name -> its tasks, in registry order."""
-
-
-def get_multimodal_task(task: str | ImageTask) -> ImageTask:
-    """The image task called ``task`` (an :class:`ImageTask` is returned as it is).
-
-    Raises:
-        ValueError: no image task of that name (the message lists the known ones).
-    """
-    if isinstance(task, ImageTask):
-        return task
-    if task not in MULTIMODAL_TASKS:
-        raise ValueError(f"unknown multimodal task {task!r}; known tasks: {', '.join(MULTIMODAL_TASK_NAMES)}")
-    return MULTIMODAL_TASKS[task]()
