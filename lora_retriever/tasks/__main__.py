@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         choices=TASK_NAMES + multimodal.MULTIMODAL_TASK_NAMES,
         default=None,
         metavar="TASK",
-        help=f"tasks to write, all of the same suite (default: all of the suite). text: {', '.join(TASK_NAMES)}; "
+        help="tasks to write, all of the same suite (default: all of the suite). "
+        f"text: {', '.join(TASK_NAMES)}; "
         f"multimodal: {', '.join(multimodal.MULTIMODAL_TASK_NAMES)}",
     )
     parser.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
@@ -50,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         "--n_test",
         type=int,
         default=None,
-        help=f"test subjects per task (default: text {DEFAULT_N_TEST}, multimodal {multimodal.DEFAULT_N_TEST})",
+        help=f"test subjects per task (default: text {DEFAULT_N_TEST}, "
+        f"multimodal {multimodal.DEFAULT_N_TEST})",
     )
     parser.add_argument(
         "--overwrite", action="store_true", help="multimodal: replace a non-empty --out_dir (else an error)"

@@ -12,7 +12,8 @@ __all__ = ["is_correct"]
 def is_correct(task: str | Task, prediction: str, reference: str) -> bool:
     """``lora_retriever.metrics.exact_match`` with the task's normalisation (every task of the suite uses the
     project's one rule, ``normalize_answer``); an empty reference matches nothing. A multimodal task
-    (``lora_retriever.tasks.multimodal``) is scored by its own ``is_correct`` (``TAP(n)`` tasks: ``action_match``)."""
+    (``lora_retriever.tasks.multimodal``) is scored by its own ``is_correct`` (``TAP(n)`` tasks:
+    ``action_match``)."""
     from lora_retriever.tasks.multimodal import MULTIMODAL_TASKS, ImageTask, get_multimodal_task
 
     if isinstance(task, ImageTask) or (isinstance(task, str) and task in MULTIMODAL_TASKS):

@@ -1,4 +1,4 @@
-"""The multimodal task suite: image domains, image tasks, disjoint image splits, and VLM pre-training captions.
+"""The multimodal task suite: image domains, image tasks, disjoint image splits, VLM pre-training captions.
 
     from lora_retriever.tasks.multimodal import (
         IMAGE_SIZE, MULTIMODAL_TASK_NAMES, build_image_splits, caption_examples, write_multimodal_suite,
@@ -6,7 +6,7 @@
 
     caption_examples("train", 1000, seed=0)     # [(PIL image, question, answer)], train-partition images
     build_image_splits("shop_tap", seed=0)      # ImageTaskSplits(train, keys, test, test_alt)
-    write_multimodal_suite("data/mm_tasks")     # or: python -m lora_retriever.tasks --suite multimodal --out_dir DIR
+    write_multimodal_suite("data/mm_tasks")     # CLI: python -m lora_retriever.tasks --suite multimodal
 
 Domains (``DOMAIN_NAMES``; every image RGB, ``IMAGE_SIZE`` square): ``digits`` (scikit-learn's handwritten
 digits), ``photo`` (crops of scikit-learn's two sample photos), and app screens drawn with PIL: ``clock``,

@@ -6,11 +6,12 @@
     digits = caption_examples("train", 500, seed=0, domains=["digits"])
     heldout = caption_examples("heldout", 400, seed=0)   # images no task split (train/keys/test) uses
 
-The questions describe what an image shows (its labels) in wordings of their own, every domain (``DOMAIN_NAMES``):
-digits ("What digit is this?" -> "7"), photo ("Which photo is this crop from?" -> "flower"), clock ("What
-time is it on this clock?" -> "3 o'clock"), calendar, shop ("What colour is the item on tile 2?" -> "red"),
-counter and map ("Where is the pin?" -> "top left"). The task suite's instructions ask about the same
-images in other wordings and answer formats (even/odd, ``TAP(n)``), which is what its adapters teach.
+The questions describe what an image shows (its labels) in wordings of their own, for every domain
+(``DOMAIN_NAMES``): digits ("What digit is this?" -> "7"), photo ("Which photo is this crop from?" ->
+"flower"), clock ("What time is it on this clock?" -> "3 o'clock"), calendar, shop ("What colour is the
+item on tile 2?" -> "red"), counter and map ("Where is the pin?" -> "top left"). The task suite's
+instructions ask about the same images in other wordings and answer formats (even/odd, ``TAP(n)``), which
+is what its adapters teach.
 """
 
 from __future__ import annotations

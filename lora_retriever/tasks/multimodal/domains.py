@@ -163,7 +163,8 @@ class DigitsDomain(ImageDomain):
 
     def render(self, item: ImageItem) -> Image.Image:
         pixels = _digit_images()[0][item.style["index"]]
-        return Image.fromarray(pixels).resize((IMAGE_SIZE, IMAGE_SIZE), Image.NEAREST).convert("RGB")
+        image = Image.fromarray(pixels).resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.NEAREST)
+        return image.convert("RGB")
 
 
 @cache
@@ -206,8 +207,8 @@ class PhotoDomain(ImageDomain):
     Each photo is cut into a grid of ``PHOTO_BLOCK``-pixel blocks; a crop lies inside one block and the
     *block* decides the partition (each photo's exact share), so a test crop never overlaps a training crop.
 
-    Labels: ``photo`` (``"china"`` / ``"flower"``), ``brightness`` (``"bright"`` / ``"dark"``: mean luma of the
-    rendered crop against ``BRIGHTNESS_THRESHOLD``; crops within ``BRIGHTNESS_MARGIN`` of it are never drawn).
+    Labels: ``photo`` (``"china"`` / ``"flower"``), ``brightness`` (``"bright"`` / ``"dark"``: mean luma of
+    the rendered crop against ``BRIGHTNESS_THRESHOLD``; no crop within ``BRIGHTNESS_MARGIN`` of it is drawn).
     """
 
     name = "photo"
@@ -239,7 +240,7 @@ class PhotoDomain(ImageDomain):
         x, y, size = item.style["box"]
         crop = _photos()[item.style["photo"]][y : y + size, x : x + size].astype(np.float64)
         pixels = np.clip(np.rint(crop * item.style["exposure"]), 0, 255).astype(np.uint8)
-        return Image.fromarray(pixels).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC)
+        return Image.fromarray(pixels).resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC)
 
     def partition(self, item: ImageItem) -> str:
         """The partition of the item's block: each photo's blocks, ordered by a hash, are cut by

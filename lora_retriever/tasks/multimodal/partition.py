@@ -4,9 +4,9 @@
 A task's train / keys / test images come from the partitions of those names (its ``test_alt`` asks about the
 ``test`` images again); captions for VLM pre-training come from ``train`` and, for held-out accuracy, from
 ``heldout``, which no task split uses. Because the partition depends only on the image (a SHA-256 of its
-domain and key, or for photos of the block it was cut from), not on a seed, a VLM pre-trained on ``caption_examples("train", ...)`` never
-saw a test image of a suite written with *any* seed. Seeds choose which images of a partition are drawn and
-in what order.
+domain and key, or for photos of the block it was cut from), not on a seed, a VLM pre-trained on
+``caption_examples("train", ...)`` never saw a test image of a suite written with *any* seed. Seeds choose
+which images of a partition are drawn and in what order.
 """
 
 from __future__ import annotations

@@ -265,8 +265,8 @@ class CounterDomain(ImageDomain):
 
 class MapDomain(ImageDomain):
     """A map: land, a lake or two, two roads, and a red pin in one of four quadrants (numbered 1 top left,
-    2 top right, 3 bottom left, 4 bottom right); the pin's head is at least 6 px from the middle lines. Labels:
-    ``quadrant`` (1-4), ``quadrant_name``. Style: the pin's position, lakes, roads."""
+    2 top right, 3 bottom left, 4 bottom right); the pin's head is at least 6 px from the middle lines.
+    Labels: ``quadrant`` (1-4), ``quadrant_name``. Style: the pin's position, lakes, roads."""
 
     name = "map"
     description = "a map with a red pin in one of its four quadrants"

@@ -74,7 +74,7 @@ def write_multimodal_suite(
         out_dir: output folder.
         tasks: task names (``MULTIMODAL_TASK_NAMES``), written in this order; categories hold the listed
             tasks of each category.
-        seed, n_train, n_keys, n_test: as in :func:`~lora_retriever.tasks.multimodal.splits.build_image_splits`.
+        seed, n_train, n_keys, n_test: as in :func:`.splits.build_image_splits`.
         overwrite: replace an existing non-empty ``out_dir`` (otherwise that is an error).
         progress: show a progress bar while the images are written.
 
@@ -242,7 +242,7 @@ def _write_jsonl(
 
 
 def _fresh_dir(out_dir: Path, purpose: str) -> Path:
-    """A new empty folder beside ``out_dir`` (same file system, so renames are atomic; default permissions)."""
+    """A new empty folder beside ``out_dir`` (same file system: renames are atomic; default permissions)."""
     path = out_dir.with_name(f".{out_dir.name}.{purpose}-{uuid.uuid4().hex[:12]}")
     path.mkdir()
     return path
