@@ -24,6 +24,7 @@ from lora_retriever.tasks.multimodal import (
     SPLIT_NAMES,
     action_match,
     build_image_splits,
+    caption_domains,
     caption_examples,
     format_action,
     get_domain,
@@ -323,6 +324,19 @@ def test_caption_examples_cover_every_domain_and_are_seeded():
     assert [(_pixels(i), q, a) for i, q, a in again] == [(_pixels(i), q, a) for i, q, a in examples]
     other = caption_examples("train", 3 * len(DOMAIN_NAMES), seed=1)
     assert [_pixels(i) for i, _, _ in other] != [_pixels(i) for i, _, _ in examples]
+    assert caption_domains(9, ["map", "digits"]) == ["map", "digits"] * 4 + ["map"]
+    about = {
+        "digits": ("digit",),
+        "photo": ("photo", "lighting"),
+        "clock": ("clock", "short hand"),
+        "calendar": ("calendar", "month"),
+        "shop": ("tile", "How many"),
+        "counter": ("display",),
+        "map": ("pin",),
+    }
+    assert set(about) == set(DOMAIN_NAMES)
+    for (_, question, _), domain in zip(examples, caption_domains(len(examples))):
+        assert any(word in question for word in about[domain]), (domain, question)
     digits = caption_examples("heldout", 30, seed=0, domains=["digits"])
     assert all(q in ("What digit is this?", "Which digit is written here?") for _, q, _ in digits)
     assert {a for _, _, a in digits} <= {str(d) for d in range(10)}

@@ -25,7 +25,12 @@ from lora_retriever.tasks.multimodal.actions import (
     normalize_action,
     parse_action,
 )
-from lora_retriever.tasks.multimodal.captions import CAPTION_SPLITS, caption_examples, caption_questions
+from lora_retriever.tasks.multimodal.captions import (
+    CAPTION_SPLITS,
+    caption_domains,
+    caption_examples,
+    caption_questions,
+)
 from lora_retriever.tasks.multimodal.domains import IMAGE_SIZE, PARTITIONS, ImageDomain, ImageItem
 from lora_retriever.tasks.multimodal.partition import draw_items, partition_of
 from lora_retriever.tasks.multimodal.registry import (
@@ -69,6 +74,7 @@ __all__ = [
     "ImageTaskSplits",
     "action_match",
     "build_image_splits",
+    "caption_domains",
     "caption_examples",
     "caption_questions",
     "draw_items",

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Mapping, Sequence
-from itertools import cycle
 from types import MappingProxyType
 from typing import Any
 
@@ -29,7 +28,7 @@ from lora_retriever.tasks.multimodal.partition import iter_partition, rng_for
 from lora_retriever.tasks.multimodal.registry import DOMAIN_NAMES, get_domain
 from lora_retriever.tasks.multimodal.screens import SHAPES
 
-__all__ = ["CAPTION_SPLITS", "CaptionExample", "caption_examples", "caption_questions"]
+__all__ = ["CAPTION_SPLITS", "CaptionExample", "caption_domains", "caption_examples", "caption_questions"]
 
 CAPTION_SPLITS = {"train": "train", "heldout": "heldout"}
 """``caption_examples`` split -> the image partition it draws from."""
@@ -111,10 +110,28 @@ def caption_questions(item: ImageItem, rng: random.Random) -> list[tuple[str, st
     return CAPTIONERS[item.domain](item.labels, rng)
 
 
+def caption_domains(n: int, domains: Sequence[str] | None = None) -> list[str]:
+    """The domain of each of the ``n`` examples :func:`caption_examples` returns for the same ``domains``
+    (round-robin, in the given order), e.g. for a per-domain accuracy report.
+
+    Raises:
+        ValueError: a negative ``n``, an empty ``domains`` or an unknown domain name.
+    """
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise ValueError(f"n must be a non-negative int, got {n!r}")
+    names = list(DOMAIN_NAMES if domains is None else domains)
+    if not names:
+        raise ValueError(f"domains is empty; pick some of: {', '.join(DOMAIN_NAMES)}")
+    for name in names:
+        get_domain(name)  # fails on an unknown name
+    return [names[i % len(names)] for i in range(n)]
+
+
 def caption_examples(
     split: str, n: int, seed: int = 0, domains: Sequence[str] | None = None
 ) -> list[CaptionExample]:
-    """``n`` ``(image, question, answer)`` triples, dealt round-robin over ``domains`` (default: all).
+    """``n`` ``(image, question, answer)`` triples, dealt round-robin over ``domains`` (default: all; the
+    domain of each triple is ``caption_domains(n, domains)``).
 
     Args:
         split: ``"train"`` draws images of the ``train`` partition only; ``"heldout"`` draws images of the
@@ -130,20 +147,18 @@ def caption_examples(
     """
     if split not in CAPTION_SPLITS:
         raise ValueError(f"split must be one of {', '.join(CAPTION_SPLITS)}, got {split!r}")
-    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-        raise ValueError(f"n must be a non-negative int, got {n!r}")
-    names = list(DOMAIN_NAMES if domains is None else domains)
-    if not names:
-        raise ValueError(f"domains is empty; pick some of: {', '.join(DOMAIN_NAMES)}")
-    resolved = [get_domain(name) for name in names]
+    order = caption_domains(n, domains)
+    resolved = {name: get_domain(name) for name in dict.fromkeys(order)}
     sources = {
-        d.name: iter_partition(d, CAPTION_SPLITS[split], rng_for("captions", d.name, split, seed), cycle=True)
-        for d in resolved
+        name: iter_partition(
+            domain, CAPTION_SPLITS[split], rng_for("captions", name, split, seed), cycle=True
+        )
+        for name, domain in resolved.items()
     }
     question_rng = rng_for("captions", "questions", split, seed)
     examples: list[CaptionExample] = []
-    for domain, _ in zip(cycle(resolved), range(n)):
-        item = next(sources[domain.name])
+    for name in order:
+        item = next(sources[name])
         question, answer = question_rng.choice(caption_questions(item, question_rng))
-        examples.append((domain.render(item), question, answer))
+        examples.append((resolved[name].render(item), question, answer))
     return examples
