@@ -142,7 +142,7 @@ def test_image_embedder_asked_for_but_absent(tmp_path, llava_dir):
         ImageRetrievalConfig(image_embedder_path=str(llava_dir)).embedder_config().backend == "vision-tower"
     )
     with pytest.raises(ValueError, match=r"text_weight must be a number in \[0, 1\]"):
-        ImageRetrievalConfig(text_weight=1.5)
+        ImageRetrievalConfig(fusion_text_weight=1.5)
     pool = AdapterPool([])
     retriever = LoraRetriever(
         LoraRetrieverConfig(embedder=EmbedderConfig("vision-tower", str(llava_dir))), pool=pool
@@ -528,3 +528,30 @@ def test_fused_similarities_rejects_a_weight_outside_0_1():
     queries = QueryVectors(text=np.eye(2, dtype=np.float32))
     with pytest.raises(ValueError, match=r"text_weight must be in \[0, 1\]"):
         fused_similarities(queries, np.eye(2, dtype=np.float32), text_weight=1.2)
+
+
+def test_embed_pool_cli_builds_image_keys_and_refuses_an_absent_embedder(tmp_path, llava_dir, capsys):
+    from lora_retriever.cli import embed_pool as embed_pool_cli
+
+    write_adapter_dir(tmp_path / "adapters" / "digits")
+    write_samples(tmp_path, "digits", 3, 1, seed=40)
+    config = tmp_path / "pool.json"
+    config.write_text(
+        json.dumps([{"lora_name": "digits", "lora_path": "adapters/digits", "samples_path": "digits.jsonl"}])
+    )
+    missing = tmp_path / "no-vlm"
+    assert embed_pool_cli.main(["--pool", str(config), "--image_embedder_path", str(missing)]) == 2
+    assert f"image embedder model_path '{missing}' does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "keys").exists()  # refused before anything was embedded
+    argv = [
+        "--pool",
+        str(config),
+        "--image_embedder",
+        "vision-tower",
+        "--image_embedder_path",
+        str(llava_dir),
+    ]
+    assert embed_pool_cli.main([*argv, "--text_weight", "0.6", "--samples", "2", "--quiet"]) == 0
+    pool = AdapterPool.from_configs(config)
+    assert pool.image_key_mask().tolist() == [True]
+    assert (pool.image_key_meta().model_id, pool.image_key_meta().text_weight) == ("tiny-llava", 0.6)

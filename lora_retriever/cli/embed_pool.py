@@ -75,7 +75,7 @@ def _embed(args: argparse.Namespace) -> int:
             path,
             embedder,
             image_embedder=image_embedder,
-            text_weight=image.text_weight,
+            text_weight=image.fusion_text_weight,
             num_samples=config.samples,
             seed=config.seed,
             names=config.only,

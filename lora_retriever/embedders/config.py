@@ -313,8 +313,9 @@ class ImageRetrievalConfig:
             ``"vision-tower"``; ``None`` without one: no image keys, text-only retrieval.
         image_embedder_path: the local model directory (checked up front: exists, a vision model, has an
             image processor).
-        text_weight: ``a`` in ``a * cos(text) + (1 - a) * cos(image)``; ``None`` = the weight stored with the
-            image keys, else 0.7 (the seed's).
+        fusion_text_weight: ``a`` in ``a * cos(text) + (1 - a) * cos(image)`` (flag ``--text_weight``; not
+            ``EmbedderConfig.text_weight``, which mixes vectors of one shared-space embedder); ``None`` = the
+            weight stored with the image keys, else 0.7 (the seed's).
     """
 
     image_embedder: str | None = field(
@@ -328,9 +329,13 @@ class ImageRetrievalConfig:
         default=None,
         metadata={"help": "local LLaVA / CLIP-vision / SigLIP-vision directory for --image_embedder"},
     )
-    text_weight: float | None = field(
+    fusion_text_weight: float | None = field(
         default=None,
-        metadata={"help": "a in a*cos(text) + (1-a)*cos(image); None = stored with the image keys, else 0.7"},
+        metadata={
+            "help": "a in a*cos(text) + (1-a)*cos(image) (retrieval score fusion); default: the weight stored "
+            "with the image keys, else 0.7",
+            "flag": "text_weight",
+        },
     )
 
     def __post_init__(self) -> None:
@@ -342,7 +347,7 @@ class ImageRetrievalConfig:
             )
         if self.image_embedder is None and self.image_embedder_path is not None:
             self.image_embedder = "vision-tower"
-        self.text_weight = validate_text_weight(self.text_weight)
+        self.fusion_text_weight = validate_text_weight(self.fusion_text_weight)
         self.embedder_config()  # checks the directory before any model loads
 
     def embedder_config(self, device: str = "cpu") -> EmbedderConfig | None:
