@@ -136,22 +136,10 @@ def _input_text(record: Any) -> str | None:
 
 
 def _image_files(record: Any, path: Path, where: str) -> tuple[Path, ...]:
-    images = record.get("images") if isinstance(record, dict) else None
-    if images is None:
-        return ()
-    images = [images] if isinstance(images, str) else images
-    if not isinstance(images, list) or not all(isinstance(i, str) and i for i in images):
-        raise ValueError(f"{path} record {where}: 'images' must be a list of image file paths")
-    files = []
-    for image in images:
-        file = Path(image).expanduser()
-        file = file if file.is_absolute() else path.parent / file
-        if not file.is_file():
-            raise FileNotFoundError(
-                f"{path} record {where}: image file {file} does not exist; fix the path or remove the image"
-            )
-        files.append(file)
-    return tuple(files)
+    """The record's image files, resolved and checked by the training data reader's one rule."""
+    from lora_retriever.training.data import _image_paths
+
+    return tuple(_image_paths(record, f"record {where}", path)) if isinstance(record, dict) else ()
 
 
 def choose_samples(samples: Sequence[Any], n: int, seed: int = 0) -> list[Any]:
