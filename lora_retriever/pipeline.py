@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from lora_retriever.data import Sample, read_samples
-from lora_retriever.embedders.config import DTYPES, EmbedderConfig
+from lora_retriever.embedders.config import DTYPES, EmbedderConfig, ImageRetrievalConfig
 from lora_retriever.metrics import bleu, exact_match, rouge_l
 from lora_retriever.pool import AdapterPool
 from lora_retriever.retriever import WEIGHT_MODES, LoraRetriever, LoraRetrieverConfig, RetrievedAdapter
@@ -120,6 +120,10 @@ class InferenceConfig:
     num_samples: int | None = field(default=None, metadata={"help": "only the first N samples"})
     show_similarities: bool = field(default=False, metadata={"help": "log query/adapter similarity tables"})
     progress: bool = field(default=True, metadata={"help": "show progress bars", "cli": False})
+    image: ImageRetrievalConfig = field(
+        default_factory=ImageRetrievalConfig,
+        metadata={"help": "image-aware retrieval (its own flags: --image_embedder ...)", "cli": False},
+    )
 
     def __post_init__(self) -> None:
         if self.merge_method not in MERGE_METHODS:
@@ -292,23 +296,19 @@ def _select(
     tasks = [s.task for s in samples]
     if SELECTION_METHODS[method] in ("none", "own", "all"):
         return select_adapters(method, pool, tasks=tasks, ood=config.ood), False
-    embedder = config.embedder_config()
     retriever = LoraRetriever(
         LoraRetrieverConfig(
             top_k=config.top_k,
             weight_mode=config.composition_weight_mode,
             temperature=config.retrieval_temperature,
-            embedder=embedder,
+            embedder=config.embedder_config(),
+            image_embedder=config.image.embedder_config(config.device),
+            text_weight=config.image.fusion_text_weight,
         ),
         pool=pool,
     )
     if config.show_similarities:
         logger.info("similarities:\n%s", retriever.show_similarities([s.query for s in samples[:10]]))
-    if images is not None and not getattr(retriever.embedder, "supports_images", False):
-        logger.warning(
-            "embedder %s is text-only: images are ignored for retrieval", retriever.embedder.model_id
-        )
-        images = None
     retriever.check_embedder()
     vectors = retriever.embed_queries([s.query for s in samples], images)
     selections = select_adapters(

@@ -18,13 +18,14 @@ from pathlib import Path
 
 from lora_retriever.cli.args import command_parser, config_from_args
 from lora_retriever.cli.errors import run_cli
+from lora_retriever.embedders.config import ImageRetrievalConfig
 from lora_retriever.pipeline import InferenceConfig
 
 __all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return command_parser(__doc__, InferenceConfig)
+    return command_parser(__doc__, InferenceConfig, ImageRetrievalConfig)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -34,7 +35,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _infer(args: argparse.Namespace) -> int:
     from lora_retriever.pipeline import format_table, run_inference
 
-    config = config_from_args(InferenceConfig, args, progress=not args.quiet)
+    image = config_from_args(ImageRetrievalConfig, args)  # the image embedder's directory is checked here
+    config = config_from_args(InferenceConfig, args, image=image, progress=not args.quiet)
     metrics = run_inference(config)
     out = Path(config.output_dir)
     print(format_table(metrics))
