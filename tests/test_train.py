@@ -293,6 +293,56 @@ def test_chat_records_with_images_train_a_vlm(tmp_path):
     assert len(list(Swift.from_pretrained(model, out).lora_layers())) > 0
 
 
+def test_vlm_adapter_registers_with_an_image_key(tmp_path):
+    """--register_pool with --image_embedder: the entry gets a text key and an image key (mean vision-tower
+    embedding of the key samples' images), both validated when the pool loads."""
+    import numpy as np
+    from PIL import Image
+
+    from lora_retriever.embedders import EmbedderConfig, get_embedder
+    from lora_retriever.pool import AdapterPool, key_meta_path
+    from tests.tiny_vlms import save_tiny_llava
+
+    model_dir = save_tiny_llava(tmp_path / "llava")
+    colours = ("red", "blue", "green", "white")
+    for colour in colours:
+        Image.new("RGB", (16, 16), colour).save(tmp_path / f"{colour}.png")
+    records = [
+        {
+            "id": colour,
+            "messages": [
+                {"role": "user", "content": "<image> what colour is this?"},
+                {"role": "assistant", "content": colour},
+            ],
+            "images": [f"{colour}.png"],
+        }
+        for colour in colours
+    ]
+    dataset = tmp_path / "colours.jsonl"
+    dataset.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    pool_path = tmp_path / "pool" / "pool.json"
+    argv = [
+        "--dataset_path", str(dataset), "--output_dir", str(tmp_path / "out"), "--model_type", "llava",
+        "--model_path", str(model_dir), "--max_steps", "2", "--batch_size", "2", "--eval_split", "0",
+        "--save_steps", "0", "--register_pool", str(pool_path), "--num_key_samples", "3",
+        "--image_embedder", "vision-tower", "--image_embedder_path", str(model_dir), "--quiet",
+    ]  # fmt: skip
+    assert train_cli.main(argv) == 0
+    (entry,) = json.loads(pool_path.read_text())
+    assert entry["image_embedding_path"] == "keys/colours.image.npy"
+    meta = json.loads(key_meta_path(pool_path.parent / entry["image_embedding_path"]).read_text())
+    assert meta["num_samples"] == 3 and set(meta["sample_ids"]) <= set(colours)
+    vision = get_embedder(EmbedderConfig(backend="vision-tower", model_path=str(model_dir)))
+    per_sample = vision.encode_images(
+        [Image.open(tmp_path / f"{i}.png").convert("RGB") for i in meta["sample_ids"]]
+    )
+    expected = per_sample.mean(axis=0)
+    expected /= np.linalg.norm(expected)
+    pool = AdapterPool.from_configs(pool_path)
+    np.testing.assert_allclose(pool.image_keys()[0], expected, atol=1e-5)  # same images, same batch shapes
+    assert pool.image_key_meta().model_id == vision.model_id
+
+
 # ---------------------------------------------------------------------------------------------- data
 
 

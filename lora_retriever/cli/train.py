@@ -20,13 +20,14 @@ from typing import Any
 
 from lora_retriever.cli.args import command_parser, config_from_args
 from lora_retriever.cli.errors import run_cli
+from lora_retriever.embedders.config import ImageRetrievalConfig
 from lora_retriever.training.config import TrainConfig
 
 __all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return command_parser(__doc__, TrainConfig)
+    return command_parser(__doc__, TrainConfig, ImageRetrievalConfig)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -36,7 +37,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _train(args: argparse.Namespace) -> int:
     from lora_retriever.training import train
 
-    config = config_from_args(TrainConfig, args, progress=not args.quiet)
+    image = config_from_args(ImageRetrievalConfig, args)  # the image embedder's directory is checked here
+    config = config_from_args(TrainConfig, args, image=image, progress=not args.quiet)
     metrics = train(config)
     print(summary(config.output_dir, metrics))
     return 0

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from lora_retriever.embedders.config import ImageRetrievalConfig
 from swift.llm.model import DEFAULT_MODEL_TYPE, MODEL_TYPE_CHOICES
 
 __all__ = ["QUANTIZATIONS", "TrainConfig"]
@@ -138,6 +139,10 @@ class TrainConfig:
             "copy the dataset to <pool folder>/samples/ instead of pointing samples_path at it", _POOL
         ),
     )
+    image: ImageRetrievalConfig = field(
+        default_factory=ImageRetrievalConfig,
+        metadata={"help": "image key on registration (flags --image_embedder ...)", "cli": False},
+    )
     progress: bool = field(default=True, metadata={"help": "show progress bars", "cli": False})
 
     def __post_init__(self) -> None:
@@ -203,6 +208,8 @@ class TrainConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown TrainConfig field(s) {unknown}; known: {sorted(known)}.")
+        if isinstance(data.get("image"), dict):
+            data = {**data, "image": ImageRetrievalConfig(**data["image"])}
         return cls(**data)
 
 

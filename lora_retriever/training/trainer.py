@@ -469,6 +469,12 @@ def _register(
         "task": config.task,
         "category": config.category,
     }
+    image_config = config.image.embedder_config(config.device)
+    image_embedder = None
+    if image_config is not None:
+        from lora_retriever.embedders import get_embedder
+
+        image_embedder = get_embedder(image_config)
     return register_trained_adapter(
         config.register_pool,
         lora_name=config.adapter_name,
@@ -480,6 +486,9 @@ def _register(
         seed=config.seed,
         copy_samples=config.copy_samples,
         fields={k: v for k, v in fields.items() if v is not None},
+        image_embedder=image_embedder,
+        image_samples=[(r.id, r.images) for r in train_records if r.images],
+        text_weight=config.image.fusion_text_weight,
     )
 
 
