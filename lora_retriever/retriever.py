@@ -19,7 +19,7 @@ scoring. Without an image embedder, images go to the text embedder when it embed
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -426,12 +426,13 @@ class LoraRetriever:
         vectors: QueryVectors | np.ndarray,
         top_k: int | None = None,
         *,
-        exclude: Sequence[str | None] | None = None,
+        exclude: Sequence[str | Collection[str] | None] | None = None,
         weight_mode: str | None = None,
         temperature: float | None = None,
         model_id: str | None = None,
     ) -> list[list[RetrievedAdapter]]:
-        """``retrieve`` for already-embedded queries: ``QueryVectors`` from ``embed_queries``, or ``[n, dim]``
+        """``retrieve`` for already-embedded queries (``exclude``: per query, an adapter name or a collection
+        of names to leave out, or ``None``): ``QueryVectors`` from ``embed_queries``, or ``[n, dim]``
         normalised text vectors (``model_id``: the embedder that made them, checked against the keys').
 
         Text-only queries search the text key index (exact or FAISS); queries with an image part are scored
@@ -461,8 +462,8 @@ class LoraRetriever:
             )
         self._check_vectors(queries)
         names = self.pool.names
-        n_excl = int(exclude is not None and any(e is not None for e in exclude))  # one banned name per query
-        depth = min(k + n_excl, len(names))
+        banned = [_as_name_set(e) for e in exclude] if exclude is not None else [frozenset()] * len(queries)
+        depth = min(k + max((len(b) for b in banned), default=0), len(names))
         if queries.image is None:
             text_model = model_id or (queries.text_meta.model_id if queries.text_meta else None)
             sims, idx = self.index.search(self.index.check_queries(queries.text, text_model), depth)
@@ -470,11 +471,10 @@ class LoraRetriever:
             sims, idx = top_k_scores(self.similarities(queries), depth)
         results = []
         for q in range(len(queries)):
-            banned = exclude[q] if exclude is not None else None
             picked = [
                 (names[i], float(s))
                 for s, i in zip(sims[q], idx[q])
-                if i >= 0 and np.isfinite(s) and names[i] != banned
+                if i >= 0 and np.isfinite(s) and names[i] not in banned[q]
             ][:k]
             weights = adapter_weights(np.array([s for _, s in picked]), mode, temp)
             results.append([RetrievedAdapter(n, float(w), s) for (n, s), w in zip(picked, weights)])
@@ -519,6 +519,12 @@ def pool_similarities(
     queries = QueryVectors.from_array(vectors)
     image_keys = pool.image_keys() if queries.image is not None else None
     return fused_similarities(queries, pool.keys(), image_keys, pool.image_key_mask(), text_weight)
+
+
+def _as_name_set(names: str | Collection[str] | None) -> frozenset[str]:
+    if names is None:
+        return frozenset()
+    return frozenset([names]) if isinstance(names, str) else frozenset(names)
 
 
 def accuracy_by_modality(

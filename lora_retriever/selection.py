@@ -41,6 +41,7 @@ __all__ = [
     "SELECTION_METHODS",
     "routing_from_selections",
     "select_adapters",
+    "own_adapters",
     "task_adapter",
 ]
 
@@ -69,11 +70,29 @@ def task_adapter(pool: AdapterPool, task: str | None) -> str | None:
     return None
 
 
+def own_adapters(pool: AdapterPool, task: str | None, category: str | None = None) -> list[str]:
+    """Every pool adapter trained on ``task``'s data, most specific first: its task (app-level) adapter, then
+    the category-level adapter of ``category`` (an entry with ``lora_type`` "category" whose ``category``
+    field or name equals it). The oracle composes the first; out-of-domain runs exclude them all."""
+    names = [name] if (name := task_adapter(pool, task)) else []
+    if category:
+        for entry in pool:
+            is_category = entry.get("lora_type") == "category"
+            if (
+                is_category
+                and category in (entry.get("category"), entry.lora_name)
+                and entry.lora_name not in names
+            ):
+                names.append(entry.lora_name)
+    return names
+
+
 def select_adapters(
     method: str,
     pool: AdapterPool,
     *,
     tasks: Sequence[str | None],
+    categories: Sequence[str | None] | None = None,
     retriever: LoraRetriever | None = None,
     vectors: QueryVectors | np.ndarray | None = None,
     ood: bool = False,
@@ -87,6 +106,8 @@ def select_adapters(
         method: one of ``SELECTION_METHODS``.
         pool: the adapters to choose from (its order breaks ties).
         tasks: per sample, its task (``None`` if unknown): finds its own adapter for ``oracle`` and ``ood``.
+        categories: per sample, its task's category (``own_adapters``: a category-level adapter is its own
+            too, so ``ood`` excludes it as well; with a category pool it is the oracle's adapter).
         retriever: searches the pool's keys (needed by ``selection``/``mixture``/``fusion``).
         vectors: the embedded queries from ``retriever.embed_queries`` (or ``[n, dim]`` normalised text
             vectors), needed by the retrieval methods; when given to ``oracle``/``uniform_all`` their (fused)
@@ -106,6 +127,8 @@ def select_adapters(
     n = len(tasks)
     if vectors is not None and len(vectors) != n:
         raise ValueError(f"{len(vectors)} query vectors for {n} samples; give one per sample")
+    if categories is not None and len(categories) != n:
+        raise ValueError(f"{len(categories)} categories for {n} samples; give one per sample (or None)")
     if kind == "none":
         return [[] for _ in range(n)]
     if kind == "own" and ood:
@@ -113,7 +136,7 @@ def select_adapters(
             "method 'oracle' with ood=True would exclude the only adapter it composes; out-of-domain runs are "
             "meaningful for the retrieval methods and uniform_all (drop --ood, or pick another method)."
         )
-    own = [task_adapter(pool, task) for task in tasks]
+    own = [own_adapters(pool, task, categories[i] if categories else None) for i, task in enumerate(tasks)]
     sims = None
     if vectors is not None and kind in ("own", "all"):
         weight = retriever.text_weight if retriever is not None else DEFAULT_TEXT_WEIGHT
@@ -121,19 +144,20 @@ def select_adapters(
     if kind == "own":
         return _own(pool, own, tasks, sims)
     if kind == "all":
-        return _all(pool, own if ood else [None] * n, sims)
+        return _all(pool, own if ood else [[] for _ in range(n)], sims)
     if retriever is None or vectors is None:
         raise ValueError(f"method {method!r} retrieves adapters: pass retriever=... and vectors=...")
     if kind == "top1":
         k, weight_mode = 1, "uniform"
     else:
         k = top_k
-        if k > len(pool) - int(ood):
+        available = len(pool) - (max((len(o) for o in own), default=0) if ood else 0)
+        if k > available:
             logger.warning(
                 "top_k=%d but only %d adapter(s) can be retrieved%s; each sample gets them all",
                 k,
-                len(pool) - int(ood),
-                " (own adapter excluded)" if ood else "",
+                available,
+                " (own adapters excluded)" if ood else "",
             )
     return retriever.retrieve_vectors(
         vectors,
@@ -146,29 +170,28 @@ def select_adapters(
 
 
 def _own(
-    pool: AdapterPool, own: list[str | None], tasks: Sequence[str | None], sims: np.ndarray | None
+    pool: AdapterPool, own: list[list[str]], tasks: Sequence[str | None], sims: np.ndarray | None
 ) -> list[list[RetrievedAdapter]]:
     names = pool.names
     out = []
-    missing = sorted({str(t) for t, name in zip(tasks, own) if name is None})
+    missing = sorted({str(t) for t, mine in zip(tasks, own) if not mine})
     if missing:
         logger.warning("no adapter in the pool for task(s) %s: oracle runs the base model for them", missing)
-    for i, name in enumerate(own):
-        if name is None:
+    for i, mine in enumerate(own):
+        if not mine:
             out.append([])
             continue
+        name = mine[0]  # the most specific of the sample's own adapters
         similarity = float(sims[i, names.index(name)]) if sims is not None else float("nan")
         out.append([RetrievedAdapter(name, 1.0, similarity)])
     return out
 
 
-def _all(
-    pool: AdapterPool, banned: list[str | None], sims: np.ndarray | None
-) -> list[list[RetrievedAdapter]]:
+def _all(pool: AdapterPool, banned: list[list[str]], sims: np.ndarray | None) -> list[list[RetrievedAdapter]]:
     names = pool.names
     out = []
     for i, ban in enumerate(banned):
-        allowed = [j for j, name in enumerate(names) if name != ban]
+        allowed = [j for j, name in enumerate(names) if name not in ban]
         out.append(
             [
                 RetrievedAdapter(

@@ -10,7 +10,13 @@ import torch
 
 from lora_retriever.pool import AdapterPool
 from lora_retriever.retriever import LoraRetriever, LoraRetrieverConfig, RetrievedAdapter
-from lora_retriever.selection import SELECTION_METHODS, routing_from_selections, select_adapters, task_adapter
+from lora_retriever.selection import (
+    SELECTION_METHODS,
+    own_adapters,
+    routing_from_selections,
+    select_adapters,
+    task_adapter,
+)
 from tests.test_pool_and_index import write_pool
 
 NAMES = ["capital", "continent", "currency", "sum", "sentiment"]
@@ -110,3 +116,36 @@ def test_routing_from_selections_is_sparse_and_equals_the_dense_matrix():
     assert empty.used_names() == [] and empty.batch_size == 2
     with pytest.raises(ValueError, match=r"selected adapters \['zz'\] are not in the pool"):
         routing_from_selections([[RetrievedAdapter("zz", 1.0, 0.0)]], ["a"])
+
+
+def test_category_adapters_are_own_too(tmp_path):
+    """With app and category adapters in one pool, OOD excludes both of a sample's own adapters; the oracle
+    takes the most specific one (the category adapter when the pool has only categories)."""
+    entries = [
+        {"lora_name": "digit_value", "task": "digit_value", "category": "reading", "lora_type": "app"},
+        {"lora_name": "counter_value", "task": "counter_value", "category": "reading", "lora_type": "app"},
+        {"lora_name": "shop_tap", "task": "shop_tap", "category": "actions", "lora_type": "app"},
+        {"lora_name": "reading", "category": "reading", "lora_type": "category"},
+        {"lora_name": "actions", "category": "actions", "lora_type": "category"},
+    ]
+    pool = AdapterPool.from_configs(write_pool(tmp_path, entries))
+    assert own_adapters(pool, "digit_value", "reading") == ["digit_value", "reading"]
+    assert own_adapters(pool.filter("lora_type", "category"), "digit_value", "reading") == ["reading"]
+    retriever = LoraRetriever(LoraRetrieverConfig(index="exact"), pool=pool, embedder=object())
+    keys = pool.keys()
+    vectors = keys[[0, 3]]  # exactly digit_value's key, exactly the reading key
+    tasks, categories = ["digit_value", "counter_value"], ["reading", "reading"]
+    for method in ("mixture", "uniform_all"):
+        got = select_adapters(
+            method, pool, tasks=tasks, categories=categories, retriever=retriever, vectors=vectors,
+            ood=True, top_k=5,
+        )  # fmt: skip
+        for sel, own in zip(got, (["digit_value", "reading"], ["counter_value", "reading"])):
+            assert not set(own) & {a.name for a in sel}, (method, sel)
+            assert len(sel) == 3
+    oracle = select_adapters(
+        "oracle", pool.filter("lora_type", "category"), tasks=tasks, categories=categories
+    )
+    assert [[a.name for a in sel] for sel in oracle] == [["reading"], ["reading"]]
+    with pytest.raises(ValueError, match="1 categories for 2 samples"):
+        select_adapters("base", pool, tasks=tasks, categories=["reading"])
