@@ -18,10 +18,11 @@ import torch
 
 from lora_retriever.data import Sample, read_samples
 from lora_retriever.embedders.config import DTYPES, EmbedderConfig, ImageRetrievalConfig
-from lora_retriever.metrics import bleu, exact_match, rouge_l
+from lora_retriever.metrics import bleu, rouge_l
 from lora_retriever.pool import AdapterPool
 from lora_retriever.retriever import WEIGHT_MODES, LoraRetriever, LoraRetrieverConfig, RetrievedAdapter
-from lora_retriever.selection import SELECTION_METHODS, select_adapters, task_adapter
+from lora_retriever.selection import SELECTION_METHODS, own_adapters, select_adapters
+from lora_retriever.tasks.scoring import answer_score
 from swift.llm.model import DEFAULT_MODEL_TYPE, MODEL_TYPE_CHOICES, model_name_or_path
 from swift.utils import get_logger
 from swift.utils.files import atomic_write_together, ensure_writable_dir
@@ -224,6 +225,7 @@ def run_inference(config: InferenceConfig) -> dict[str, Any]:
             {
                 "id": sample.id,
                 "task": sample.task,
+                "category": sample.extra.get("category"),
                 "query": sample.query,
                 "selected": [{"name": a.name, "weight": a.weight, "similarity": a.similarity} for a in sel],
                 "prediction": pred,
@@ -294,8 +296,9 @@ def _select(
     if pool is None:
         return [[] for _ in samples], False
     tasks = [s.task for s in samples]
+    categories = [s.extra.get("category") for s in samples]  # a category adapter is a sample's own too
     if SELECTION_METHODS[method] in ("none", "own", "all"):
-        return select_adapters(method, pool, tasks=tasks, ood=config.ood), False
+        return select_adapters(method, pool, tasks=tasks, categories=categories, ood=config.ood), False
     retriever = LoraRetriever(
         LoraRetrieverConfig(
             top_k=config.top_k,
@@ -312,7 +315,14 @@ def _select(
     retriever.check_embedder()
     vectors = retriever.embed_queries([s.query for s in samples], images)
     selections = select_adapters(
-        method, pool, tasks=tasks, retriever=retriever, vectors=vectors, ood=config.ood, top_k=config.top_k
+        method,
+        pool,
+        tasks=tasks,
+        categories=categories,
+        retriever=retriever,
+        vectors=vectors,
+        ood=config.ood,
+        top_k=config.top_k,
     )
     return selections, True
 
@@ -347,18 +357,21 @@ def _score_group(
     out: dict[str, Any] = {
         "n": len(records),
         "failed": sum(r["error"] is not None for r in records),
-        "exact_match": _mean([exact_match(p, t) for p, t in zip(preds, refs)]),
+        "exact_match": _mean([answer_score(r["task"], p, t) for r, p, t in zip(scored, preds, refs)]),
         "rouge_l": _mean([rouge_l(p, t) for p, t in zip(preds, refs)]),
         "bleu": bleu(preds, refs) if scored else None,
     }
     if retrieved and pool is not None:
-        known = [(r, task_adapter(pool, r["task"])) for r in records]
-        known = [(r, name) for r, name in known if name]
+        # correct: the sample's own adapter (its task's, or its category's) is retrieved
+        known = [(r, own_adapters(pool, r["task"], r.get("category"))) for r in records]
+        known = [(r, own) for r, own in known if own]
         if known:
             out["retrieval_top1"] = _mean(
-                [float(bool(r["selected"]) and r["selected"][0]["name"] == n) for r, n in known]
+                [float(bool(r["selected"]) and r["selected"][0]["name"] in own) for r, own in known]
             )
-            out["retrieval_topk"] = _mean([float(n in [a["name"] for a in r["selected"]]) for r, n in known])
+            out["retrieval_topk"] = _mean(
+                [float(bool(set(own) & {a["name"] for a in r["selected"]})) for r, own in known]
+            )
     return out
 
 

@@ -6,7 +6,7 @@ from lora_retriever.metrics import exact_match
 from lora_retriever.tasks.base import Task
 from lora_retriever.tasks.registry import get_task
 
-__all__ = ["is_correct"]
+__all__ = ["answer_score", "is_correct"]
 
 
 def is_correct(task: str | Task, prediction: str, reference: str) -> bool:
@@ -19,3 +19,14 @@ def is_correct(task: str | Task, prediction: str, reference: str) -> bool:
     if isinstance(task, ImageTask) or (isinstance(task, str) and task in MULTIMODAL_TASKS):
         return get_multimodal_task(task).is_correct(prediction, reference)
     return bool(exact_match(prediction, reference, normalize=get_task(task).normalize))
+
+
+def answer_score(task: str | None, prediction: str, reference: str) -> float:
+    """Exact match as the CLI reports it: the task's own rule (``is_correct``) for a task of the offline
+    suites, the project's one rule (``lora_retriever.metrics.exact_match``) for any other task."""
+    from lora_retriever.tasks.multimodal import MULTIMODAL_TASKS
+    from lora_retriever.tasks.registry import TASK_NAMES
+
+    if task in TASK_NAMES or task in MULTIMODAL_TASKS:
+        return float(is_correct(task, prediction, reference))
+    return exact_match(prediction, reference)
