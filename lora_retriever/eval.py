@@ -46,110 +46,162 @@ def retrieval_accuracy(sims: np.ndarray, own: list[int], k: int) -> float:
 
 
 def run(args: PaperEvalConfig) -> dict[str, Any]:
+    """Every method of ``args.methods``, IID and OOD, on every pool kind; returns the results dict.
+
+    Pools: ``args.pool`` alone (the text demo), or with ``--app_config`` / ``--category_config`` the kinds
+    ``app``, ``category`` and ``all`` (both). A sample's own adapters are its task's app adapter and its
+    category's adapter (``selection.own_adapters``): OOD excludes both; the oracle composes the most specific
+    one the pool holds. Queries with images are embedded with the image embedder when one is given (score-level
+    fusion, ``LoraRetrieverConfig.text_weight``), and retrieval is then reported per modality. A sample whose
+    generation fails is recorded and counted wrong, never skipped.
+    """
     import torch
     from transformers import GenerationConfig
 
     from lora_retriever.composition import FusionComposer, MixtureComposer
     from lora_retriever.data import read_samples
     from lora_retriever.embedders import EmbedderConfig, get_embedder
-    from lora_retriever.pool import AdapterPool
     from lora_retriever.retriever import LoraRetriever, LoraRetrieverConfig
-    from lora_retriever.selection import select_adapters, task_adapter
-    from lora_retriever.tasks import is_correct
+    from lora_retriever.selection import own_adapters, select_adapters
+    from lora_retriever.tasks.scoring import answer_score
     from swift.llm import get_model_tokenizer, get_template
-    from swift.llm.model import model_name_or_path
 
     torch.manual_seed(args.seed)
-    pool = AdapterPool.from_configs(
-        args.pool, base_model=model_name_or_path(args.model_type, args.model_path)
-    )
-    names = pool.names
-    retriever = LoraRetriever(
-        LoraRetrieverConfig(top_k=args.top_k), pool=pool, embedder=get_embedder(EmbedderConfig())
-    )
-    retriever.check_embedder()
+    pools, union = _pools(args)
     samples = read_samples(args.test_data, limit=args.num_samples)
     alt = read_samples(args.test_alt, limit=args.num_samples) if args.test_alt else None
-    own = [s.task for s in samples]
-    missing = sorted({t for t in own if task_adapter(pool, t) is None})
-    if missing:
-        raise ValueError(f"tasks {missing} have no adapter in {args.pool} (by name or 'task' field)")
-    vectors = retriever.embed_queries([s.query for s in samples])
-    result: dict[str, Any] = {"retrieval": {}, "scores": {}, "settings": asdict(args)}
-    for wording, rows, data in (("test", vectors, samples), ("test_alt", None, alt)):
-        if data is None:
-            continue
-        rows = rows if rows is not None else retriever.embed_queries([s.query for s in data])
-        own_idx = [names.index(task_adapter(pool, s.task)) for s in data]
-        result["retrieval"][wording] = {
-            f"top{k}": retrieval_accuracy(retriever.similarities(rows), own_idx, k) for k in (1, 3)
-        }
+    tasks = [s.task for s in samples]
+    categories = [s.extra.get("category") for s in samples]
+    for kind, pool in pools.items():
+        missing = sorted({str(t) for t, c in zip(tasks, categories) if not own_adapters(pool, t, c)})
+        if missing:
+            raise ValueError(
+                f"tasks {missing} have no own adapter in the {kind} pool (by name, 'task' or category)"
+            )
+    text_embedder = get_embedder(EmbedderConfig())
+    image = args.image
+    image_config = image.embedder_config() if image is not None else None
+    image_embedder = get_embedder(image_config) if image_config is not None else None
+    images = [s.load_images() for s in samples] if any(s.images for s in samples) else None
+    alt_images = [s.load_images() for s in alt] if alt and any(s.images for s in alt) else None
 
-    model, tokenizer = get_model_tokenizer(args.model_type, args.model_path)
-    template = get_template(args.model_type, tokenizer)
-    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=False)
-    composers = {
-        "mixture": MixtureComposer(model, template, pool, batch_size=args.batch_size, generation_config=gen),
-    }
-    shared = composers["mixture"].model  # one SwiftModel: the pool's adapters load once for every composer
-    for kind in ("linear", "cat"):
-        composers[kind] = FusionComposer(
-            shared,
-            template,
-            pool,
-            method=kind,
-            batch_size=args.batch_size,
-            generation_config=gen,
-            cache_size=64,
+    result: dict[str, Any] = {"retrieval": {}, "scores": {}, "settings": asdict(args)}
+    retrievers, vectors = {}, {}
+    for kind, pool in pools.items():
+        retriever = LoraRetriever(
+            LoraRetrieverConfig(top_k=args.top_k, text_weight=image.fusion_text_weight if image else None),
+            pool=pool,
+            embedder=text_embedder,
+            image_embedder=image_embedder if pool.image_key_meta() is not None else None,
         )
+        retriever.check_embedder()
+        retrievers[kind] = retriever
+        for wording, data, data_images in (("test", samples, images), ("test_alt", alt, alt_images)):
+            if data is None:
+                continue
+            rows = retriever.embed_queries([s.query for s in data], data_images)
+            if wording == "test":
+                vectors[kind] = rows
+            own = [own_adapters(pool, s.task, s.extra.get("category"))[0] for s in data]
+            label = wording if len(pools) == 1 else f"{kind}:{wording}"
+            result["retrieval"][label] = _retrieval_report(retriever, rows, own)
+
+    model, processor = get_model_tokenizer(args.model_type, args.model_path)
+    template = get_template(args.model_type, processor)
+    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=False)
+    common = dict(batch_size=args.batch_size, generation_config=gen)
+    composers = {"mixture": MixtureComposer(model, template, union, **common)}
+    shared = composers["mixture"].model  # one SwiftModel: each adapter loads once for every composer
+    for kind in ("linear", "cat"):
+        composers[kind] = FusionComposer(shared, template, union, method=kind, cache_size=64, **common)
     queries = [s.query for s in samples]
-    for method in args.methods:
-        for setting in ("iid", "ood"):
-            if setting == "ood" and method in ("base", "oracle"):
-                continue  # base has no adapter to exclude; oracle's only adapter is the excluded one
-            start = time.perf_counter()
-            selection_method, composer_kind = METHODS[method]
-            selections = select_adapters(
-                selection_method,
-                pool,
-                tasks=own,
-                retriever=retriever,
-                vectors=vectors,
-                ood=setting == "ood",
-                top_k=args.top_k,
-                weight_mode="uniform",
-            )
-            composer = composers[composer_kind]
-            answers = composer.generate(queries, selections)
-            correct = [is_correct(s.task, a, s.response) for s, a in zip(samples, answers)]
-            per_task = {
-                t: float(np.mean([c for c, s in zip(correct, samples) if s.task == t]))
-                for t in sorted(set(own))
-            }
-            result["scores"][f"{method}/{setting}"] = {
-                "per_task": per_task,
-                "average": float(np.mean(correct)),
-                "seconds": round(time.perf_counter() - start, 1),
-            }
-            logger.info(
-                "%s/%s: exact match %.3f (%.0f s)",
-                method,
-                setting,
-                np.mean(correct),
-                time.perf_counter() - start,
-            )
-            examples = [
-                {
-                    "id": s.id,
-                    "task": s.task,
-                    "answer": a,
-                    "reference": s.response,
-                    "selected": [x.name for x in sel],
+    for pool_kind, pool in pools.items():
+        for method in args.methods:
+            for setting in ("iid", "ood"):
+                if setting == "ood" and method in ("base", "oracle"):
+                    continue  # base has no adapter to exclude; oracle's only adapters are the excluded ones
+                if method == "base" and pool_kind != next(iter(pools)):
+                    continue  # the base model does not depend on the pool
+                start = time.perf_counter()
+                selection_method, composer_kind = METHODS[method]
+                selections = select_adapters(
+                    selection_method,
+                    pool,
+                    tasks=tasks,
+                    categories=categories,
+                    retriever=retrievers[pool_kind],
+                    vectors=vectors[pool_kind],
+                    ood=setting == "ood",
+                    top_k=args.top_k,
+                    weight_mode="uniform",
+                )
+                answers = composers[composer_kind].generate(queries, selections, images, on_error="isolate")
+                correct = [
+                    answer_score(s.task, a, s.response) if err is None else 0.0
+                    for s, a, err in zip(samples, answers, answers.errors)
+                ]
+                label = f"{method}/{setting}" if len(pools) == 1 else f"{pool_kind}:{method}/{setting}"
+                result["scores"][label] = {
+                    "per_task": {
+                        t: float(np.mean([c for c, s in zip(correct, samples) if s.task == t]))
+                        for t in sorted(set(tasks))
+                    },
+                    "average": float(np.mean(correct)),
+                    "failed": sum(err is not None for err in answers.errors),
+                    "seconds": round(time.perf_counter() - start, 1),
+                    "examples": [
+                        {
+                            "id": s.id,
+                            "task": s.task,
+                            "answer": a,
+                            "reference": s.response,
+                            "selected": [x.name for x in sel],
+                        }
+                        for s, a, sel in list(zip(samples, answers, selections))[:3]
+                    ],
                 }
-                for s, a, sel in list(zip(samples, answers, selections))[:3]
-            ]
-            result["scores"][f"{method}/{setting}"]["examples"] = examples
+                logger.info(
+                    "%s: exact match %.3f (%.0f s)", label, np.mean(correct), time.perf_counter() - start
+                )
     return result
+
+
+def _pools(args: PaperEvalConfig) -> tuple[dict[str, Any], Any]:
+    """The pools to evaluate (by kind) and their union (every adapter, loaded into one model)."""
+    from lora_retriever.pool import AdapterPool
+    from swift.llm.model import model_name_or_path
+
+    base = model_name_or_path(args.model_type, args.model_path)
+    if not (args.app_configs or args.category_configs):
+        pool = AdapterPool.from_configs(args.pool, base_model=base)
+        return {"pool": pool}, pool
+    paths = list(args.app_configs) + list(args.category_configs)
+    defaults = [{"lora_type": "app"}] * len(args.app_configs) + [{"lora_type": "category"}] * len(
+        args.category_configs
+    )
+    union = AdapterPool.from_configs(paths, defaults=defaults, base_model=base)
+    pools = {"app": union.filter("lora_type", "app"), "category": union.filter("lora_type", "category")}
+    pools = {kind: pool for kind, pool in pools.items() if len(pool)}
+    if len(pools) == 2:
+        pools["all"] = union
+    wanted = args.pool_kinds or list(pools)
+    unknown = [k for k in wanted if k not in pools]
+    if unknown:
+        raise ValueError(f"--pool_kinds {unknown} have no adapters; available: {list(pools)}")
+    return {k: pools[k] for k in wanted}, union
+
+
+def _retrieval_report(retriever: Any, rows: Any, own: list[str]) -> dict[str, Any]:
+    """Top-1/top-3 accuracy of the own adapter: fused scoring, plus text-only and image-only when the queries
+    have both parts."""
+    from lora_retriever.retriever import accuracy_by_modality
+
+    if rows.text is not None and rows.image is not None:
+        return accuracy_by_modality(retriever, rows, own)
+    names = retriever.pool.names
+    own_idx = [names.index(name) for name in own]
+    sims = retriever.similarities(rows)
+    return {f"top{k}": retrieval_accuracy(sims, own_idx, k) for k in (1, 3)}
 
 
 def markdown_table(result: dict[str, Any]) -> str:
@@ -165,9 +217,16 @@ def markdown_table(result: dict[str, Any]) -> str:
     lines.append(
         "| **average** | " + " | ".join(f"**{result['scores'][c]['average']:.3f}**" for c in columns) + " |"
     )
-    retrieval = ", ".join(
-        f"{w}: top-1 {v['top1']:.3f}, top-3 {v['top3']:.3f}" for w, v in result["retrieval"].items()
-    )
+    parts = []
+    for wording, report in result["retrieval"].items():
+        if "top1" in report:
+            parts.append(f"{wording}: top-1 {report['top1']:.3f}, top-3 {report['top3']:.3f}")
+        else:  # per modality
+            parts.extend(
+                f"{wording} {modality}: top-1 {v['top1']:.3f}, top-3 {v['top3']:.3f}"
+                for modality, v in report.items()
+            )
+    retrieval = "; ".join(parts)
     return "\n".join(lines) + f"\n\nRetriever accuracy (own adapter among the retrieved): {retrieval}\n"
 
 

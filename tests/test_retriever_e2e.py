@@ -346,3 +346,64 @@ def test_cli_bad_inputs(setup, tmp_path, capsys):
         assert err.startswith("error: ") and re.search(message, err) and "Traceback" not in err
         with pytest.raises(error, match=message):
             infer_lora_retriever.main([*argv, "--output_dir", str(tmp_path / "out"), "--debug"])
+
+
+def test_paper_protocol_on_one_pool_and_on_app_category_pools(setup, minilm, tmp_path):
+    """lora-retriever-eval: every method, IID and OOD, scored by the one rule; with app + category configs
+    the pools app, category and all; OOD never composes a sample's own (task or category) adapter."""
+    from lora_retriever.cli.eval import main as eval_main
+
+    common = ["--model_type", "llama", "--model_path", str(setup["model_dir"]), "--test_alt", ""]
+    common += ["--max_new_tokens", "2", "--batch_size", "4", "--top_k", "2", "--quiet"]
+    out = tmp_path / "one"
+    argv = ["--pool", str(setup["config"]), "--test_data", str(setup["test"]), "--output_dir", str(out)]
+    assert eval_main([*argv, *common]) == 0
+    result = json.loads((out / "results.json").read_text())
+    expected = {"base/iid", "oracle/iid"} | {
+        f"{m}/{s}"
+        for m in ("selection", "mixture", "fusion_linear", "fusion_cat", "uniform_all")
+        for s in ("iid", "ood")
+    }
+    assert set(result["scores"]) == expected
+    assert result["retrieval"]["test"] == {"top1": 1.0, "top3": 1.0}
+    assert (out / "table.md").is_file() and (out / "results.png").stat().st_size > 0
+    for label, score in result["scores"].items():
+        assert 0.0 <= score["average"] <= 1.0 and score["failed"] == 0, label
+        if label.endswith("/ood"):
+            assert all(ex["task"] not in ex["selected"] for ex in score["examples"]), label
+
+    # App adapters (one per task) and category adapters (one per pair of tasks) in two configs.
+    root = setup["root"]
+    category_of = {"capitals": "facts", "translation": "facts", "arithmetic": "skills", "sentiment": "skills"}
+    app = [
+        {"lora_name": t, "lora_path": f"adapters/{t}", "samples_path": f"samples/{t}.jsonl", "task": t,
+         "category": category_of[t]}
+        for t in TASKS
+    ]  # fmt: skip
+    cats = [
+        {"lora_name": "facts", "lora_path": "adapters/capitals", "samples_path": "samples/capitals.jsonl",
+         "category": "facts"},
+        {"lora_name": "skills", "lora_path": "adapters/arithmetic", "samples_path": "samples/arithmetic.jsonl",
+         "category": "skills"},
+    ]  # fmt: skip
+    app_config, cat_config = root / "app.json", root / "cat.json"
+    app_config.write_text(json.dumps(app))
+    cat_config.write_text(json.dumps(cats))
+    for config in (app_config, cat_config):
+        embed_pool(config, minilm, num_samples=5, progress=False)
+    test = tmp_path / "test_cat.jsonl"
+    test.write_text(
+        "".join(json.dumps({**q, "category": category_of[q["task"]]}) + "\n" for q in setup["queries"])
+    )
+    out = tmp_path / "kinds"
+    argv = ["--app_config", str(app_config), "--category_config", str(cat_config), "--test_data", str(test)]
+    argv += ["--output_dir", str(out), "--methods", "oracle", "mixture", "uniform_all"]
+    assert eval_main([*argv, *common]) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert set(result["retrieval"]) == {"app:test", "category:test", "all:test"}
+    assert {label.split(":")[0] for label in result["scores"]} == {"app", "category", "all"}
+    oracle = result["scores"]["category:oracle/iid"]["examples"]
+    assert all(ex["selected"] == [category_of[ex["task"]]] for ex in oracle)  # the category pool's own
+    for label in ("all:mixture/ood", "all:uniform_all/ood"):
+        for ex in result["scores"][label]["examples"]:
+            assert not {ex["task"], category_of[ex["task"]]} & set(ex["selected"]), (label, ex)

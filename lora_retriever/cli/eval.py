@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from lora_retriever.cli.args import command_parser, config_from_args
 from lora_retriever.cli.errors import run_cli
+from lora_retriever.embedders.config import ImageRetrievalConfig
 from swift.llm.model import DEFAULT_MODEL_TYPE, MODEL_TYPE_CHOICES
 
 __all__ = ["PaperEvalConfig", "build_parser", "main"]
@@ -34,6 +35,30 @@ class PaperEvalConfig:
 
     pool: str = field(
         default="data/demo/pool/pool.json", metadata={"help": "pool config (make demo builds it)"}
+    )
+    app_configs: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "pool config of app (task) adapters (repeatable; with --category_config: pools app, "
+            "category and all instead of --pool)",
+            "flag": "app_config",
+            "action": "append",
+        },
+    )
+    category_configs: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "pool config of category adapters (repeatable)",
+            "flag": "category_config",
+            "action": "append",
+        },
+    )
+    pool_kinds: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "which of the pools app, category, all to run (default: every one available)",
+            "choices": ("app", "category", "all"),
+        },
     )
     test_data: str = field(
         default="data/demo/tasks/test_mixed.jsonl", metadata={"help": "mixed-task test set"}
@@ -59,6 +84,9 @@ class PaperEvalConfig:
     output_dir: str = field(
         default="outputs/paper_protocol", metadata={"help": "where table.md, results.json and results.png go"}
     )
+    image: ImageRetrievalConfig | None = field(
+        default=None, metadata={"help": "image-aware retrieval (flags --image_embedder ...)", "cli": False}
+    )
 
     def __post_init__(self) -> None:
         for name in ("top_k", "batch_size", "max_new_tokens"):
@@ -69,7 +97,7 @@ class PaperEvalConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return command_parser(__doc__, PaperEvalConfig)
+    return command_parser(__doc__, PaperEvalConfig, ImageRetrievalConfig)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -80,7 +108,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from lora_retriever.eval import markdown_table, plot, run
     from swift.utils.files import atomic_write_together, ensure_writable_dir
 
-    config = config_from_args(PaperEvalConfig, args)
+    image = config_from_args(ImageRetrievalConfig, args)  # the image embedder's directory is checked here
+    config = config_from_args(PaperEvalConfig, args, image=image)
     # Validate before working: the output folder, and matplotlib for the plot written at the very end.
     out = ensure_writable_dir(config.output_dir, argument="output_dir")
     if importlib.util.find_spec("matplotlib") is None:
