@@ -342,6 +342,29 @@ def test_vlm_adapter_registers_with_an_image_key(tmp_path):
     np.testing.assert_allclose(pool.image_keys()[0], expected, atol=1e-5)  # same images, same batch shapes
     assert pool.image_key_meta().model_id == vision.model_id
 
+    # all-linear adapts the vision tower and the projector too; all-linear-lm only the language model
+    from swift.llm import get_model_tokenizer
+    from swift.tuners import Swift
+
+    def tower_layers(adapter_dir: Path) -> tuple[int, int]:
+        model, _ = get_model_tokenizer("llava", model_dir)
+        layers = [name for name, _ in Swift.from_pretrained(model, adapter_dir).lora_layers()]
+        vision = sum("vision_tower" in n or "multi_modal_projector" in n for n in layers)
+        return vision, len(layers) - vision
+
+    assert all(n > 0 for n in tower_layers(tmp_path / "out"))
+    lm_only = [
+        *argv[:3],
+        str(tmp_path / "lm_only"),
+        *argv[4:12],
+        "--target_modules",
+        "all-linear-lm",
+        "--quiet",
+    ]
+    assert train_cli.main(lm_only) == 0
+    vision, language = tower_layers(tmp_path / "lm_only")
+    assert vision == 0 and language > 0
+
 
 # ---------------------------------------------------------------------------------------------- data
 

@@ -79,7 +79,8 @@ class TrainConfig:
     target_modules: list[str] = field(
         default_factory=lambda: ["all-linear"],
         metadata=_help(
-            "module names to adapt (e.g. q_proj v_proj), or all-linear: every linear layer but the output head",
+            "module names to adapt (e.g. q_proj v_proj); all-linear: every linear layer but the output head "
+            "(a VLM's vision tower and projector included); all-linear-lm: the language model's only",
             _MODEL,
         ),
     )
@@ -164,10 +165,12 @@ class TrainConfig:
         self.target_modules = list(self.target_modules)
         if not self.target_modules:
             raise ValueError("target_modules is empty; pass module names (e.g. q_proj v_proj) or all-linear.")
-        if "all-linear" in self.target_modules and len(self.target_modules) > 1:
-            raise ValueError(
-                f"target_modules {self.target_modules} mixes 'all-linear' with module names; pass one or the other."
-            )
+        for keyword in ("all-linear", "all-linear-lm"):
+            if keyword in self.target_modules and len(self.target_modules) > 1:
+                raise ValueError(
+                    f"target_modules {self.target_modules} mixes {keyword!r} with module names; pass one or the "
+                    "other."
+                )
         _positive("lora_r", self.lora_r)
         _positive("batch_size", self.batch_size)
         _positive("grad_accum", self.grad_accum)

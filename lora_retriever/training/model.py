@@ -119,6 +119,22 @@ def _load_quantized(model_type: str, model_path: str | None, quantization: str) 
     return model, processor
 
 
+def language_model_linears(model: nn.Module) -> list[str]:
+    """Full names of the language model's linear layers: not a VLM's vision tower or projector (the module
+    names of ``swift.tuners.swift_model.VISION_MODULE_NAMES``), not the output head."""
+    from swift.tuners.swift_model import VISION_MODULE_NAMES
+
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or module is output:
+            continue
+        if any(part in VISION_MODULE_NAMES for part in name.split(".")):
+            continue
+        names.append(name)
+    return names
+
+
 def add_lora(
     model: nn.Module,
     *,
@@ -145,6 +161,8 @@ def add_lora(
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
     targets: str | list[str] = "all-linear" if target_modules == ["all-linear"] else list(target_modules)
+    if target_modules == ["all-linear-lm"]:
+        targets = language_model_linears(model)
     config = LoraConfig(
         r=r,
         lora_alpha=lora_alpha,
