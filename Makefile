@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv lock test test-slow lint format demo eval-paper bench clean
+.PHONY: venv lock test test-slow lint format demo demo-vlm eval-paper bench clean
 
 venv: $(STAMP)
 
@@ -53,6 +53,9 @@ test-slow: venv
 
 demo: venv
 	$(PY) -m lora_retriever.demo
+
+demo-vlm: venv
+	$(PY) -m lora_retriever.demo_vlm
 
 eval-paper: venv
 	$(PY) -m lora_retriever.eval

@@ -36,6 +36,7 @@ __all__ = [
     "RECIPE_STAMP",
     "TRAIN_ARGS",
     "DemoConfig",
+    "is_cached",
     "is_trained",
     "recipe",
     "run_demo",
@@ -136,14 +137,22 @@ def train_config(
 
 def is_trained(pool_dir: Path, task: str, stamp: dict[str, Any]) -> bool:
     """A finished adapter trained with this recipe, registered in the pool with its key."""
-    out = pool_dir / task
-    stamp_path, config = out / RECIPE_STAMP, pool_dir / "pool.json"
-    if not (out / "adapter_model.safetensors").is_file() or not stamp_path.is_file() or not config.is_file():
+    return is_cached(pool_dir / task, pool_dir / "pool.json", task, stamp)
+
+
+def is_cached(adapter_dir: Path, pool_config: Path, name: str, stamp: dict[str, Any]) -> bool:
+    """``adapter_dir`` holds a finished adapter trained with the recipe ``stamp``, registered as ``name`` in
+    ``pool_config`` with every key its entry names (text, and image when it has one)."""
+    stamp_path = adapter_dir / RECIPE_STAMP
+    if not (adapter_dir / "adapter_model.safetensors").is_file() or not stamp_path.is_file():
         return False
-    if json.loads(stamp_path.read_text()) != stamp:
+    if not pool_config.is_file() or json.loads(stamp_path.read_text()) != stamp:
         return False
-    entries = {e["lora_name"]: e for e in json.loads(config.read_text())}
-    return task in entries and (pool_dir / entries[task].get("embedding_path", "missing")).is_file()
+    entries = {e["lora_name"]: e for e in json.loads(pool_config.read_text())}
+    if name not in entries:
+        return False
+    keys = [entries[name].get("embedding_path", "missing"), entries[name].get("image_embedding_path")]
+    return all((pool_config.parent / key).is_file() for key in keys if key is not None)
 
 
 def train_all(
