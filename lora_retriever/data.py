@@ -102,6 +102,13 @@ def read_samples(path: str | Path, *, limit: int | None = None, check_images: bo
         if not isinstance(record, dict):
             raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
         sample = _to_sample(record, path, line_no)
+        tags = sample.query.count(IMAGE_TAG)
+        if tags and tags != len(sample.images):
+            raise ValueError(
+                f"{path}:{line_no}: the query has {tags} {IMAGE_TAG} tag(s) but the record gives "
+                f"{len(sample.images)} image(s); use one {IMAGE_TAG} tag per image (or no tags to put all "
+                "images before the text)"
+            )
         if check_images:
             for image in sample.images:
                 if not image.is_file():

@@ -193,6 +193,7 @@ def run_inference(config: InferenceConfig) -> dict[str, Any]:
             "(multi-turn prompts are not supported yet)",
             with_context,
         )
+    _check_images_fit_the_model(samples, config.model_type)
     pool = _load_pool(config)
     # Images are decoded once, here, for both retrieval and generation.
     images = [s.load_images() for s in samples] if any(s.images for s in samples) else None
@@ -247,6 +248,20 @@ def run_inference(config: InferenceConfig) -> dict[str, Any]:
         }
     )
     return metrics
+
+
+def _check_images_fit_the_model(samples: Sequence[Sample], model_type: str) -> None:
+    """Samples with images need a vision-language model: refuse them up front for a text-only model type."""
+    from swift.llm.model import MODEL_TYPES
+
+    info = MODEL_TYPES.get(model_type)
+    with_images = [s.id for s in samples if s.images]
+    if info is not None and not info.is_multimodal and with_images:
+        raise ValueError(
+            f"{len(with_images)} sample(s) carry images (e.g. {with_images[:5]}) but model_type {model_type!r} "
+            "has no vision tower; pass a vision-language --model_type (e.g. llava, qwen2-vl) with --model_path, "
+            "or drop the images from the test set"
+        )
 
 
 def _load_pool(config: InferenceConfig) -> AdapterPool | None:

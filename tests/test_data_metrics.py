@@ -153,3 +153,17 @@ def test_one_exact_match_rule_for_cli_paper_protocol_and_spectral_edit():
     assert 0.3 < partial < 1.0
     with pytest.raises(ValueError):
         bleu(["a"], [])
+
+
+def test_image_tags_must_match_the_images(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps({"query": "<image> and <image>?", "images": ["a.png"]}) + "\n")
+    with pytest.raises(
+        ValueError, match=r"t\.jsonl:1: the query has 2 <image> tag\(s\) but the record gives 1"
+    ):
+        read_samples(path)
+    path.write_text(json.dumps({"query": "no tag: images go first", "images": ["a.png"]}) + "\n")
+    assert read_samples(path)[0].images == [tmp_path / "a.png"]

@@ -266,61 +266,50 @@ def test_cli_end_to_end_every_merge_method(setup, method, tmp_path):
         assert all(r["selected"][0]["name"] == r["task"] for r in records)
 
 
-def test_cli_ood_and_failures_are_recorded(setup, tmp_path):
-    """A sample that fails (an image sent to a text-only model) costs only itself; OOD excludes own adapters."""
+def test_cli_ood_and_images_for_a_text_model(setup, tmp_path, capsys):
+    """OOD excludes each sample's own adapter; a sample with an image for a text-only model is refused before
+    the model loads (naming the sample and the fix), and nothing is written."""
     from PIL import Image
 
     import infer_lora_retriever
+    from lora_retriever.pipeline import score
 
-    Image.new("RGB", (8, 8), "red").save(tmp_path / "peru.png")
-    lines = setup["test"].read_text().splitlines()
-    data = tmp_path / "test.jsonl"
-    data.write_text(
-        "\n".join(
-            lines
-            + [
-                json.dumps(
-                    {
-                        "id": "bad",
-                        "query": "<image> Capital of Peru?",
-                        "images": ["peru.png"],
-                        "response": "Lima",
-                        "task": "capitals",
-                    }
-                )
-            ]
-        )
-        + "\n"
-    )
-    out = tmp_path / "ood"
-    argv = [
-        "--test_data",
-        str(data),
+    common = [
         "--model_type",
         "llama",
         "--model_path",
         str(setup["model_dir"]),
         "--pool",
         str(setup["config"]),
-        "--ood",
-        "--top_k",
-        "2",
-        "--max_new_tokens",
-        "2",
-        "--output_dir",
-        str(out),
-        "--quiet",
     ]
-    assert infer_lora_retriever.main(argv) == 0
+    common += ["--top_k", "2", "--max_new_tokens", "2", "--quiet"]
+    out = tmp_path / "ood"
+    assert (
+        infer_lora_retriever.main(
+            ["--test_data", str(setup["test"]), "--ood", "--output_dir", str(out), *common]
+        )
+        == 0
+    )
     records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
-    assert len(records) == len(lines) + 1
+    assert len(records) == len(setup["queries"]) and all(r["error"] is None for r in records)
     assert all(r["task"] not in [a["name"] for a in r["selected"]] for r in records)
-    bad = [r for r in records if r["id"] == "bad"]
-    assert bad[0]["error"].startswith("ValueError: ") and bad[0]["prediction"] == ""
-    assert sum(r["error"] is not None for r in records) == 1
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["tasks"]["capitals"]["failed"] == 1 and metrics["overall"]["failed"] == 1
     assert "retrieval_top1" not in metrics["overall"]  # meaningless when the own adapter is excluded
+
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "peru.png")
+    bad = {"id": "bad", "query": "<image> Capital of Peru?", "images": ["peru.png"], "task": "capitals"}
+    data = tmp_path / "test.jsonl"
+    data.write_text(setup["test"].read_text() + json.dumps(bad) + "\n")
+    refused = tmp_path / "refused"
+    assert infer_lora_retriever.main(["--test_data", str(data), "--output_dir", str(refused), *common]) == 2
+    err = capsys.readouterr().err
+    assert "['bad']" in err and "has no vision tower" in err and "--model_type" in err
+    assert not (refused / "predictions.jsonl").exists()
+
+    # A sample that failed at generation time is kept and counted wrong (failed), never skipped.
+    failed = {**records[0], "prediction": "", "error": "RuntimeError: boom"}
+    metrics = score([failed, *records[1:]], None, retrieved=False, top_k=2)
+    assert metrics["overall"]["failed"] == 1 and metrics["overall"]["n"] == len(records)
 
 
 def test_cli_bad_inputs(setup, tmp_path, capsys):
