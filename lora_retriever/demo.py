@@ -36,6 +36,7 @@ __all__ = [
     "RECIPE_STAMP",
     "TRAIN_ARGS",
     "DemoConfig",
+    "DemoSettings",
     "is_cached",
     "is_trained",
     "recipe",
@@ -59,8 +60,8 @@ POLL_SECONDS = 0.5
 
 
 @dataclass
-class DemoConfig:
-    """Settings of ``make demo``; each field's ``help`` is its ``lora-retriever-demo`` flag's help."""
+class DemoSettings:
+    """What every demo takes: where its cache and outputs go, the training and retrieval settings."""
 
     work_dir: str = field(default="data/demo", metadata={"help": "cache for the tasks, adapters and keys"})
     output_dir: str = field(default="outputs/demo", metadata={"help": "where predictions and metrics go"})
@@ -72,12 +73,6 @@ class DemoConfig:
         default="mixture", metadata={"help": "how the retrieved adapters are used", "choices": MERGE_METHODS}
     )
     seed: int = field(default=0, metadata={"help": "seed of the task suite and the inference run"})
-    model_type: str = field(
-        default=DEFAULT_MODEL_TYPE, metadata={"help": "base model type", "choices": MODEL_TYPE_CHOICES}
-    )
-    model_path: str | None = field(
-        default=None, metadata={"help": "local base model directory (not needed for the packaged default)"}
-    )
     progress: bool = field(default=True, metadata={"help": "show progress bars", "cli": False})
 
     def __post_init__(self) -> None:
@@ -85,6 +80,18 @@ class DemoConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}; pass --{name} N")
+
+
+@dataclass
+class DemoConfig(DemoSettings):
+    """Settings of ``make demo``; each field's ``help`` is its ``lora-retriever-demo`` flag's help."""
+
+    model_type: str = field(
+        default=DEFAULT_MODEL_TYPE, metadata={"help": "base model type", "choices": MODEL_TYPE_CHOICES}
+    )
+    model_path: str | None = field(
+        default=None, metadata={"help": "local base model directory (not needed for the packaged default)"}
+    )
 
 
 def build_tasks(work_dir: Path, n_test: int, seed: int) -> Path:

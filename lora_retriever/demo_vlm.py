@@ -24,9 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lora_retriever.demo import RECIPE_STAMP, is_cached, train_all
+from lora_retriever.demo import RECIPE_STAMP, DemoSettings, is_cached, train_all
 from lora_retriever.embedders.config import ImageRetrievalConfig
-from lora_retriever.pipeline import MERGE_METHODS
 from lora_retriever.training.config import TrainConfig
 from swift.utils import get_logger
 from swift.utils.files import atomic_write, ensure_writable_dir
@@ -51,7 +50,7 @@ def _default_vision_adapters() -> list[str]:
 
 
 @dataclass
-class DemoVlmConfig:
+class DemoVlmConfig(DemoSettings):
     """Settings of ``make demo-vlm``; each field's ``help`` is its ``lora-retriever-demo-vlm`` flag's help."""
 
     work_dir: str = field(
@@ -59,30 +58,19 @@ class DemoVlmConfig:
     )
     output_dir: str = field(default="outputs/demo_vlm", metadata={"help": "where predictions and metrics go"})
     steps: int = field(default=40, metadata={"help": "training steps per adapter (batch 8)"})
-    workers: int = field(default=2, metadata={"help": "trainings run at a time, one thread each"})
-    n_test: int = field(default=20, metadata={"help": "test items per task"})
-    top_k: int = field(default=3, metadata={"help": "adapters retrieved per input"})
-    merge_method: str = field(
-        default="mixture", metadata={"help": "how the retrieved adapters are used", "choices": MERGE_METHODS}
-    )
     vision_adapters: list[str] = field(
         default_factory=_default_vision_adapters,
         metadata={"help": "app adapters that also adapt the vision tower and projector"},
     )
-    seed: int = field(default=0, metadata={"help": "seed of the task suite and the inference run"})
     vlm_path: str | None = field(
         default=None,
         metadata={"help": "a built VLM directory to use (default: build or reuse the cached one)"},
     )
-    progress: bool = field(default=True, metadata={"help": "show progress bars", "cli": False})
 
     def __post_init__(self) -> None:
         from lora_retriever.tasks.multimodal import MULTIMODAL_TASK_NAMES
 
-        for name in ("steps", "workers", "n_test", "top_k"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}; pass --{name} N")
+        super().__post_init__()
         unknown = sorted(set(self.vision_adapters) - set(MULTIMODAL_TASK_NAMES))
         if unknown:
             raise ValueError(
