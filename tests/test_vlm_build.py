@@ -230,7 +230,8 @@ def test_language_model_weights_are_smollm2_bit_for_bit(tiny_build):
     original = load_file(str(smollm2_hf_dir() / "model.safetensors"))
     checked = 0
     for name, tensor in original.items():
-        mine = built[f"model.language_model.{name.removeprefix('model.')}"]
+        # transformers 5 saves LLaVA under its checkpoint names (language_model.model.*); accept the module names too
+        mine = _saved(built, f"language_model.{name}", f"model.language_model.{name.removeprefix('model.')}")
         if name == "model.embed_tokens.weight":
             assert torch.equal(mine[: tensor.shape[0]], tensor)
             assert mine.shape[0] == tensor.shape[0] + 1 and not mine[-1].any()  # one zero <image> row
@@ -288,11 +289,22 @@ def test_recipe_change_builds_a_new_folder_and_keeps_the_old(tiny_build):
     other = build_vlm(changed, cache_root=folder.parent, progress=False)
     assert other != folder and other.name == changed.recipe_hash()
     assert read_build_info(other)["recipe"]["seed"] == 1 and read_build_info(folder)["recipe"]["seed"] == 0
-    tower = "model.vision_tower.embeddings.patch_embedding.weight"
-    assert not torch.equal(
-        load_file(str(other / "model.safetensors"))[tower],
-        load_file(str(folder / "model.safetensors"))[tower],
+    names = (
+        "vision_tower.embeddings.patch_embedding.weight",
+        "model.vision_tower.embeddings.patch_embedding.weight",
     )
+    assert not torch.equal(
+        _saved(load_file(str(other / "model.safetensors")), *names),
+        _saved(load_file(str(folder / "model.safetensors")), *names),
+    )
+
+
+def _saved(state: dict[str, torch.Tensor], *names: str) -> torch.Tensor:
+    """The tensor saved under the first of ``names`` present (checkpoint or module naming)."""
+    for name in names:
+        if name in state:
+            return state[name]
+    raise KeyError(f"none of {names} in the saved weights")
 
 
 def test_failed_build_leaves_no_folder_behind(tmp_path, monkeypatch):
