@@ -8,19 +8,16 @@ reports every problem with its line, and an offline mini M-BEIR built from the p
     build_mini_mbeir(MiniMBeirConfig(out_dir="data/mini_mbeir"))
 
 CLI: ``python -m lora_retriever.mbeir validate DIR`` and ``python -m lora_retriever.mbeir build --out_dir DIR``.
-Formats: :mod:`.formats`; checks across files: :mod:`.validate`; task types: :mod:`.tasks`; builder: :mod:`.build`.
+Formats: :mod:`.formats`; problems: :mod:`.problems`; checks across files: :mod:`.validate`; task types: :mod:`.tasks`; builder: :mod:`.build`.
 """
 
 from lora_retriever.mbeir.build import MiniMBeirConfig, build_mini_mbeir
 from lora_retriever.mbeir.formats import (
     MODALITIES,
-    PROBLEM_KINDS,
     TASK_IDS,
     MBeirCandidate,
-    MBeirFormatError,
     MBeirInstruction,
     MBeirQuery,
-    Problem,
     read_candidates,
     read_instructions,
     read_queries,
@@ -31,6 +28,7 @@ from lora_retriever.mbeir.formats import (
     write_instructions,
     write_queries,
 )
+from lora_retriever.mbeir.problems import PROBLEM_KINDS, MBeirFormatError, Problem
 from lora_retriever.mbeir.tasks import MBEIR_TASK_NAMES, MBEIR_TASKS, describe
 from lora_retriever.mbeir.validate import ValidationReport, validate_dataset, validate_files
 

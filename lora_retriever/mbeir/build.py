@@ -27,13 +27,12 @@ import hashlib
 import json
 import shutil
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lora_retriever.mbeir.formats import (
     MBeirCandidate,
-    MBeirFormatError,
     MBeirInstruction,
     MBeirQuery,
     modality_of,
@@ -41,6 +40,7 @@ from lora_retriever.mbeir.formats import (
     write_instructions,
     write_queries,
 )
+from lora_retriever.mbeir.problems import MBeirFormatError
 from lora_retriever.mbeir.tasks import (
     MBEIR_TASK_NAMES,
     MBEIR_TASKS,
@@ -50,6 +50,7 @@ from lora_retriever.mbeir.tasks import (
     QueryDraft,
     SplitDraft,
     SplitRequest,
+    TaskSpec,
 )
 from lora_retriever.mbeir.validate import MANIFEST_NAME, validate_dataset
 from lora_retriever.tasks.multimodal import IMAGE_SIZE, ImageItem, get_domain
@@ -73,7 +74,11 @@ class MiniMBeirConfig:
     )
     tasks: list[str] = field(
         default_factory=lambda: list(MBEIR_TASK_NAMES),
-        metadata={"help": "task types to build", "choices": MBEIR_TASK_NAMES},
+        metadata={
+            "help": f"task types to build: {', '.join(MBEIR_TASK_NAMES)}",
+            "choices": MBEIR_TASK_NAMES,
+            "metavar": "TASK",
+        },
     )
     seed: int = field(default=0, metadata={"help": "seed of every draw (same seed, same bytes)"})
     n_train: int = field(default=64, metadata={"help": "train queries per task"})
@@ -106,9 +111,6 @@ class MiniMBeirConfig:
     @property
     def sizes(self) -> dict[str, int]:
         return {"train": self.n_train, "val": self.n_val, "test": self.n_test}
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def build_mini_mbeir(config: MiniMBeirConfig) -> dict[str, Any]:
@@ -209,7 +211,7 @@ def _write_all(
     global_pools: dict[str, dict[str, MBeirCandidate]] = {split: {} for split in SPLITS}
     task_entries: dict[str, Any] = {}
 
-    def candidate(spec, content: Content, split: str) -> MBeirCandidate:
+    def candidate(spec: TaskSpec, content: Content, split: str) -> MBeirCandidate:
         img_path = None if content.image is None else _image_path(content.image)
         if content.image is not None:
             images[img_path] = content.image
@@ -219,7 +221,7 @@ def _write_all(
             ids.did(spec.dataset_id, content), content.txt, img_path, modality, _src(content.src)
         )
 
-    def query(spec, draft: QueryDraft, split: str, did_of: dict[tuple, str]) -> MBeirQuery:
+    def query(spec: TaskSpec, draft: QueryDraft, split: str, did_of: dict[tuple, str]) -> MBeirQuery:
         img_path = None if draft.image is None else _image_path(draft.image)
         if draft.image is not None:
             images[img_path] = draft.image

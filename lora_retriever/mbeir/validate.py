@@ -38,11 +38,11 @@ from lora_retriever.mbeir.formats import (
     TASK_IDS,
     MBeirCandidate,
     MBeirQuery,
-    Problem,
     scan_candidates,
     scan_instructions,
     scan_queries,
 )
+from lora_retriever.mbeir.problems import Problem
 
 __all__ = ["MANIFEST_NAME", "ValidationReport", "validate_dataset", "validate_files"]
 
