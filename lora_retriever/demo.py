@@ -19,7 +19,7 @@ import os
 import queue
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ __all__ = [
     "run_demo",
     "train_all",
     "train_config",
+    "train_missing",
 ]
 
 TRAIN_ARGS = {  # the exact recipe every demo adapter is trained with (recorded in training_args.json)
@@ -94,15 +95,23 @@ class DemoConfig(DemoSettings):
     )
 
 
-def build_tasks(work_dir: Path, n_test: int, seed: int) -> Path:
-    from lora_retriever.tasks import write_task_suite
+def build_tasks(work_dir: Path, n_test: int, seed: int, tasks: Sequence[str] | None = None) -> Path:
+    """Write the task suite of ``tasks`` (default: the demo's seven, ``DEMO_TASK_NAMES``) to
+    ``work_dir/tasks``, or reuse the one there if it was written with the same tasks, seed and ``n_test``."""
+    from lora_retriever.tasks import DEMO_TASK_NAMES, write_task_suite
 
+    tasks = list(DEMO_TASK_NAMES if tasks is None else tasks)
     tasks_dir = work_dir / "tasks"
-    manifest = tasks_dir / "manifest.json"
-    if manifest.is_file() and json.loads(manifest.read_text()).get("seed") == seed:
+    manifest_path = tasks_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    if (
+        manifest.get("seed") == seed
+        and list(manifest.get("tasks", ())) == tasks
+        and manifest.get("requested", {}).get("n_test") == n_test
+    ):
         logger.info("task suite: reusing %s", tasks_dir)
     else:
-        write_task_suite(tasks_dir, seed=seed, n_test=n_test)
+        write_task_suite(tasks_dir, tasks, seed=seed, n_test=n_test)
     return tasks_dir
 
 
@@ -288,6 +297,45 @@ def _train_child(config: TrainConfig, log: str, steps: Any) -> None:
     train(config, on_step=lambda step, loss: steps.put((config.adapter_name, step, loss)))
 
 
+def train_missing(
+    tasks: Sequence[str],
+    tasks_dir: Path,
+    pool_dir: Path,
+    steps: int,
+    workers: int,
+    *,
+    model_type: str = DEFAULT_MODEL_TYPE,
+    model_path: str | None = None,
+    progress: bool = True,
+) -> list[str]:
+    """Train and register (``train_all``) the adapters of ``tasks`` that ``pool_dir`` lacks or holds with
+    another recipe; each gets its recipe stamp when its training succeeds, so an interrupted run resumes.
+
+    Returns:
+        The tasks trained now, in ``tasks``' order (empty when every adapter was reused).
+    """
+    stamp = recipe(steps, model_type, model_path)
+    todo = [t for t in tasks if not is_trained(pool_dir, t, stamp)]
+    if not todo:
+        logger.info("adapters: all %d reused from %s", len(tasks), pool_dir)
+        return todo
+    pool_dir.mkdir(parents=True, exist_ok=True)
+    logger.info("training %d adapters (%d steps each, %d at a time): %s", len(todo), steps, workers, todo)
+    for task in todo:
+        (pool_dir / task / RECIPE_STAMP).unlink(missing_ok=True)  # stale until this training succeeds
+    configs = [
+        train_config(t, tasks_dir, pool_dir, steps, model_type=model_type, model_path=model_path)
+        for t in todo
+    ]
+    train_all(
+        configs,
+        workers,
+        on_trained=lambda c: atomic_write(Path(c.output_dir) / RECIPE_STAMP, json.dumps(stamp)),
+        progress=progress,
+    )
+    return todo
+
+
 def run_demo(config: DemoConfig) -> dict[str, Any]:
     """Build the tasks, train and register the adapters that aren't cached, then run inference.
 
@@ -295,7 +343,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         The inference metrics, plus ``demo`` (pool folder, seconds, number of adapters).
     """
     from lora_retriever.pipeline import InferenceConfig, run_inference
-    from lora_retriever.tasks import TASK_NAMES
+    from lora_retriever.tasks import DEMO_TASK_NAMES
     from swift.llm.model import smollm2_hf_dir
 
     start = time.perf_counter()
@@ -303,40 +351,18 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     ensure_writable_dir(config.output_dir, argument="output_dir")
     if config.model_type == DEFAULT_MODEL_TYPE and config.model_path is None:
         smollm2_hf_dir()  # convert the packaged GGUF once, before the trainings start in parallel
-    tasks_dir = build_tasks(work_dir, config.n_test, config.seed)
+    tasks_dir = build_tasks(work_dir, config.n_test, config.seed, DEMO_TASK_NAMES)
     pool_dir = work_dir / "pool"
-    stamp = recipe(config.steps, config.model_type, config.model_path)
-    todo = [t for t in TASK_NAMES if not is_trained(pool_dir, t, stamp)]
-    if todo:
-        pool_dir.mkdir(parents=True, exist_ok=True)
-        logger.info(
-            "training %d adapters (%d steps each, %d at a time): %s",
-            len(todo),
-            config.steps,
-            config.workers,
-            todo,
-        )
-        for task in todo:
-            (pool_dir / task / RECIPE_STAMP).unlink(missing_ok=True)  # stale until this training succeeds
-        configs = [
-            train_config(
-                t,
-                tasks_dir,
-                pool_dir,
-                config.steps,
-                model_type=config.model_type,
-                model_path=config.model_path,
-            )
-            for t in todo
-        ]
-        train_all(
-            configs,
-            config.workers,
-            on_trained=lambda c: atomic_write(Path(c.output_dir) / RECIPE_STAMP, json.dumps(stamp)),
-            progress=config.progress,
-        )
-    else:
-        logger.info("adapters: all %d reused from %s", len(TASK_NAMES), pool_dir)
+    todo = train_missing(
+        DEMO_TASK_NAMES,
+        tasks_dir,
+        pool_dir,
+        config.steps,
+        config.workers,
+        model_type=config.model_type,
+        model_path=config.model_path,
+        progress=config.progress,
+    )
     metrics = run_inference(
         InferenceConfig(
             test_data=str(tasks_dir / "test_mixed.jsonl"),
@@ -354,7 +380,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     )
     metrics["demo"] = {
         "pool_dir": str(pool_dir),
-        "num_adapters": len(TASK_NAMES),
+        "num_adapters": len(DEMO_TASK_NAMES),
         "trained": todo,
         "seconds": round(time.perf_counter() - start, 1),
     }

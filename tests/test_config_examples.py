@@ -9,7 +9,7 @@ import pytest
 
 from lora_retriever.pool import AdapterPool
 from lora_retriever.pool_config import default_key_path
-from lora_retriever.tasks import TASK_NAMES, get_task
+from lora_retriever.tasks import DEMO_TASK_NAMES, get_task
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "config" / "pool.json"
@@ -18,7 +18,7 @@ DEMO_POOL = REPO / "data" / "demo" / "pool" / "pool.json"  # where `make demo` r
 
 def test_example_pool_points_at_the_demo_pool_with_relative_paths():
     entries = json.loads(EXAMPLE.read_text())
-    assert [e["lora_name"] for e in entries] == list(TASK_NAMES)
+    assert [e["lora_name"] for e in entries] == list(DEMO_TASK_NAMES)
     for entry in entries:
         name = entry["lora_name"]
         for field in ("lora_path", "embedding_path", "samples_path"):

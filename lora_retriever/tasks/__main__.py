@@ -83,9 +83,10 @@ def main(argv: list[str] | None = None) -> int:
             )
     except (ValueError, FileExistsError) as err:
         parser.error(str(err))
-    print(f"{'task':<16} " + " ".join(f"{s:>8}" for s in SPLIT_NAMES))
+    print(f"{'task':<20} {'cluster':<14} " + " ".join(f"{s:>8}" for s in SPLIT_NAMES))
     for name, entry in manifest["tasks"].items():
-        print(f"{name:<16} " + " ".join(f"{entry['counts'][s]:>8}" for s in SPLIT_NAMES))
+        cluster = entry.get("cluster", entry.get("category", ""))  # multimodal tasks have categories
+        print(f"{name:<20} {cluster:<14} " + " ".join(f"{entry['counts'][s]:>8}" for s in SPLIT_NAMES))
     print(f"wrote {args.out_dir} (seed {args.seed})")
     return 0
 

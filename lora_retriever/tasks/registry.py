@@ -1,22 +1,40 @@
-"""The task registry: ``TASK_NAMES`` and ``get_task(name)``."""
+"""The task registry: ``TASK_NAMES`` (every text task), ``DEMO_TASK_NAMES`` (the seven of ``make demo``),
+``CLUSTERS`` (related tasks, grouped) and ``get_task(name)``."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from types import MappingProxyType
 
-from lora_retriever.tasks.arithmetic import ArithmeticTask
+from lora_retriever.tasks.arithmetic import ArithmeticTask, DifferenceTask, ProductTask
 from lora_retriever.tasks.base import Task
-from lora_retriever.tasks.geography import CapitalTask, ContinentTask, CurrencyTask
-from lora_retriever.tasks.language import FrenchCountryTask, LanguageIdTask
-from lora_retriever.tasks.sentiment import SentimentTask
+from lora_retriever.tasks.geography import (
+    CallingCodeTask,
+    CapitalCountryTask,
+    CapitalTask,
+    ContinentTask,
+    CurrencyTask,
+    FrenchCapitalTask,
+    Iso3Task,
+)
+from lora_retriever.tasks.language import (
+    CountryFromFrenchTask,
+    FrenchCountryTask,
+    FrenchLanguageTask,
+    GermanCountryTask,
+    LanguageCodeTask,
+    LanguageIdTask,
+    SpanishCountryTask,
+)
+from lora_retriever.tasks.sentiment import PositiveWordTask, SentenceSentimentTask, SentimentTask
 
-__all__ = ["TASKS", "TASK_NAMES", "get_task"]
+__all__ = ["CLUSTERS", "DEMO_TASK_NAMES", "TASKS", "TASK_NAMES", "get_task"]
 
 TASKS: Mapping[str, type[Task]] = MappingProxyType(
     {
         cls.name: cls
         for cls in (
+            # the seven tasks of `make demo`, in its order (its mixed test set is shuffled in this order)
             ArithmeticTask,
             CapitalTask,
             ContinentTask,
@@ -24,10 +42,31 @@ TASKS: Mapping[str, type[Task]] = MappingProxyType(
             FrenchCountryTask,
             SentimentTask,
             LanguageIdTask,
+            # the rest of the full pool: each one related to some of the above
+            DifferenceTask,
+            ProductTask,
+            CapitalCountryTask,
+            FrenchCapitalTask,
+            Iso3Task,
+            CallingCodeTask,
+            GermanCountryTask,
+            SpanishCountryTask,
+            CountryFromFrenchTask,
+            LanguageCodeTask,
+            FrenchLanguageTask,
+            SentenceSentimentTask,
+            PositiveWordTask,
         )
     }
 )
 TASK_NAMES: tuple[str, ...] = tuple(TASKS)
+DEMO_TASK_NAMES: tuple[str, ...] = TASK_NAMES[:7]
+CLUSTERS: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {
+        cluster: tuple(name for name, cls in TASKS.items() if cls.cluster == cluster)
+        for cluster in dict.fromkeys(cls.cluster for cls in TASKS.values())
+    }
+)
 
 
 def get_task(task: str | Task) -> Task:

@@ -8,7 +8,7 @@ Layout of ``out_dir``::
     <task>/test_alt.jsonl   same form                                      same subjects, other wordings
     test_mixed.jsonl        every task's test records, shuffled (seeded)
     test_mixed_alt.jsonl    the same shuffle applied to the test_alt records (row i <-> row i)
-    manifest.json           seed, counts, templates, data-source package versions
+    manifest.json           seed, counts, clusters, templates, data-source package versions
 
 The output holds no dates or absolute paths, so the same seed and package versions give identical bytes.
 """
@@ -85,6 +85,7 @@ def write_task_suite(
             files[split] = rel
         task_entries[splits.task] = {
             "description": task.description,
+            "cluster": task.cluster,
             "counts": splits.counts(),
             "files": files,
             "train_templates": list(task.train_templates),
@@ -98,6 +99,10 @@ def write_task_suite(
         "seed": seed,
         "requested": {"n_train": n_train, "n_keys": n_keys, "n_test": n_test},
         "tasks": task_entries,
+        "clusters": {
+            cluster: [t for t in tasks if get_task(t).cluster == cluster]
+            for cluster in dict.fromkeys(get_task(t).cluster for t in tasks)
+        },
         "mixed": mixed_counts,
         "data_sources": _versions(sorted({s for t in tasks for s in get_task(t).data_sources})),
         "formats": {

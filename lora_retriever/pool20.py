@@ -1,0 +1,151 @@
+"""Build the full text pool: ``python -m lora_retriever.pool20 [--work_dir data/pool20] [--workers 1 --threads 1]``.
+
+1. writes the whole offline task suite (``TASK_NAMES``: 20 tasks in 6 clusters of related tasks) to
+   ``<work_dir>/tasks``,
+2. trains one LoRA adapter per task on SmolLM2-135M-Instruct with ``make demo``'s recipe and machinery
+   (``lora_retriever.demo.train_missing``: worker processes, one progress bar) and registers each with its
+   retrieval key in ``<work_dir>/pool/pool.json``.
+
+Resumable: the tasks, and every adapter already trained with the same recipe, are reused, so an interrupted
+build picks up where it stopped. The run time is printed with the CPU it ran on. Then run the paper's protocol
+on the full pool:
+
+    python -m lora_retriever.eval --pool data/pool20/pool/pool.json \\
+        --test_data data/pool20/tasks/test_mixed.jsonl --test_alt data/pool20/tasks/test_mixed_alt.jsonl \\
+        --output_dir outputs/pool20
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from lora_retriever.tasks.registry import TASK_NAMES
+from swift.llm.model import DEFAULT_MODEL_TYPE, MODEL_TYPE_CHOICES
+from swift.utils import get_logger
+
+logger = get_logger(__name__)
+
+__all__ = ["PoolBuildConfig", "build_pool", "eval_command", "main"]
+
+
+@dataclass
+class PoolBuildConfig:
+    """Settings of the full-pool build; each field's ``help`` is its flag's help."""
+
+    work_dir: str = field(default="data/pool20", metadata={"help": "cache for the tasks, adapters and keys"})
+    tasks: list[str] = field(
+        default_factory=lambda: list(TASK_NAMES),
+        metadata={"help": "tasks of the pool", "choices": TASK_NAMES, "metavar": "TASK"},
+    )
+    steps: int = field(default=50, metadata={"help": "training steps per adapter (batch 8), as make demo"})
+    workers: int = field(default=2, metadata={"help": "trainings run at a time, one thread each"})
+    n_test: int = field(default=20, metadata={"help": "test items per task, as make demo"})
+    seed: int = field(default=0, metadata={"help": "seed of the task suite"})
+    model_type: str = field(
+        default=DEFAULT_MODEL_TYPE, metadata={"help": "base model type", "choices": MODEL_TYPE_CHOICES}
+    )
+    model_path: str | None = field(
+        default=None, metadata={"help": "local base model directory (not needed for the packaged default)"}
+    )
+    progress: bool = field(default=True, metadata={"help": "show the progress bar", "cli": False})
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "workers", "n_test"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}; pass --{name} N")
+        unknown = [t for t in self.tasks if t not in TASK_NAMES]
+        if unknown or not self.tasks:
+            raise ValueError(
+                f"tasks {unknown or '[]'} are not text tasks; pick from: {', '.join(TASK_NAMES)}"
+            )
+        repeated = sorted({t for t in self.tasks if self.tasks.count(t) > 1})
+        if repeated:
+            raise ValueError(f"tasks lists {', '.join(repeated)} more than once; name each task once")
+
+
+def build_pool(config: PoolBuildConfig) -> dict[str, Any]:
+    """Write the task suite and train and register the adapters the pool lacks (see the module docstring).
+
+    Returns:
+        ``{"pool_config", "tasks_dir", "tasks", "trained", "reused", "seconds", "cpu"}``: ``trained`` are
+        the adapters trained by this call, ``reused`` the ones found in the cache.
+
+    Raises:
+        ValueError: ``work_dir`` is not a writable folder.
+        ChildProcessError: a training failed (the adapters finished before it are kept).
+    """
+    from lora_retriever.demo import build_tasks, train_missing
+    from swift.llm.model import smollm2_hf_dir
+    from swift.utils.files import ensure_writable_dir
+    from swift.utils.machine import cpu_summary
+
+    start = time.perf_counter()
+    work_dir = ensure_writable_dir(config.work_dir, argument="work_dir").resolve()
+    if config.model_type == DEFAULT_MODEL_TYPE and config.model_path is None:
+        smollm2_hf_dir()  # convert the packaged GGUF once, before the trainings start in parallel
+    tasks_dir = build_tasks(work_dir, config.n_test, config.seed, config.tasks)
+    pool_dir = work_dir / "pool"
+    trained = train_missing(
+        config.tasks,
+        tasks_dir,
+        pool_dir,
+        config.steps,
+        config.workers,
+        model_type=config.model_type,
+        model_path=config.model_path,
+        progress=config.progress,
+    )
+    return {
+        "pool_config": str(pool_dir / "pool.json"),
+        "tasks_dir": str(tasks_dir),
+        "tasks": list(config.tasks),
+        "trained": trained,
+        "reused": [t for t in config.tasks if t not in trained],
+        "seconds": round(time.perf_counter() - start, 1),
+        "cpu": cpu_summary(),
+    }
+
+
+def eval_command(summary: dict[str, Any], output_dir: str = "outputs/pool20") -> str:
+    """The ``python -m lora_retriever.eval`` command line that runs the paper's protocol on a built pool."""
+    tasks_dir = summary["tasks_dir"]
+    return (
+        f"python -m lora_retriever.eval --pool {summary['pool_config']} "
+        f"--test_data {tasks_dir}/test_mixed.jsonl --test_alt {tasks_dir}/test_mixed_alt.jsonl "
+        f"--output_dir {output_dir}"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lora_retriever.cli.args import command_parser
+
+    return command_parser(__doc__, PoolBuildConfig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from lora_retriever.cli.errors import run_cli
+
+    return run_cli(build_parser(), _build, argv)
+
+
+def _build(args: argparse.Namespace) -> int:
+    from lora_retriever.cli.args import config_from_args
+
+    summary = build_pool(config_from_args(PoolBuildConfig, args, progress=not args.quiet))
+    print(
+        f"pool: {summary['pool_config']} ({len(summary['tasks'])} adapters: "
+        f"{len(summary['trained'])} trained now, {len(summary['reused'])} reused)"
+    )
+    print(f"time: {summary['seconds']:.0f} s on {summary['cpu']}")
+    print(f"next: {eval_command(summary)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
