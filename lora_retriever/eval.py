@@ -204,7 +204,27 @@ def _retrieval_report(retriever: Any, rows: Any, own: list[str]) -> dict[str, An
     return {f"top{k}": retrieval_accuracy(sims, own_idx, k) for k in (1, 3)}
 
 
+def summary_table(result: dict[str, Any]) -> str:
+    """Averages with one row per method and one column per pool kind and setting (``pool:method/setting``)."""
+    cells: dict[str, dict[str, float]] = {}
+    columns: list[str] = []
+    for label, score in result["scores"].items():
+        pool, _, column = label.rpartition(":")
+        method, _, setting = column.partition("/")
+        header = f"{pool} {setting.upper()}".strip()
+        columns += [header] if header not in columns else []
+        cells.setdefault(method, {})[header] = score["average"]
+    lines = ["| method | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for method, row in cells.items():
+        lines.append(
+            f"| {method} | " + " | ".join(f"{row[c]:.3f}" if c in row else "–" for c in columns) + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def markdown_table(result: dict[str, Any]) -> str:
+    """Per-task exact match for every column (with several pool kinds, preceded by ``summary_table``), then
+    the retriever's accuracy."""
     columns = list(result["scores"])
     tasks = sorted(next(iter(result["scores"].values()))["per_task"])
     lines = ["| task | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
@@ -227,7 +247,12 @@ def markdown_table(result: dict[str, Any]) -> str:
                 for modality, v in report.items()
             )
     retrieval = "; ".join(parts)
-    return "\n".join(lines) + f"\n\nRetriever accuracy (own adapter among the retrieved): {retrieval}\n"
+    summary = summary_table(result) + "\n" if any(":" in c for c in columns) else ""
+    return (
+        summary
+        + "\n".join(lines)
+        + f"\n\nRetriever accuracy (own adapter among the retrieved): {retrieval}\n"
+    )
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -236,16 +261,24 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = list(dict.fromkeys(c.split("/")[0] for c in result["scores"]))
-    fig, ax = plt.subplots(figsize=(8, 3.5))
+    # column labels are "method/setting", or "pool:method/setting" with several pool kinds (one panel each)
+    by_pool: dict[str, dict[str, float]] = {}
+    for label, score in result["scores"].items():
+        pool, _, column = label.rpartition(":")
+        by_pool.setdefault(pool, {})[column] = score["average"]
+    fig, axes = plt.subplots(1, len(by_pool), figsize=(8 * len(by_pool), 3.5), squeeze=False)
     width = 0.38
-    for offset, setting in ((-width / 2, "iid"), (width / 2, "ood")):
-        values = [result["scores"].get(f"{m}/{setting}", {}).get("average", np.nan) for m in methods]
-        ax.bar(np.arange(len(methods)) + offset, values, width, label=setting.upper())
-    ax.set_xticks(np.arange(len(methods)), methods, rotation=20)
-    ax.set_ylabel("exact match (average over tasks)")
-    ax.set_title("LoraRetriever protocol on the offline task suite (SmolLM2-135M)")
-    ax.legend()
+    for ax, (pool, scores) in zip(axes[0], by_pool.items()):
+        methods = list(dict.fromkeys(c.split("/")[0] for c in scores))
+        for offset, setting in ((-width / 2, "iid"), (width / 2, "ood")):
+            values = [scores.get(f"{m}/{setting}", np.nan) for m in methods]
+            ax.bar(np.arange(len(methods)) + offset, values, width, label=setting.upper())
+        ax.set_xticks(np.arange(len(methods)), methods, rotation=20)
+        ax.set_ylabel("exact match (average over tasks)")
+        ax.set_ylim(0, 1)
+        model = result["settings"].get("model_type", "")
+        ax.set_title(f"LoraRetriever protocol, {model}" + (f", {pool} pool" if pool else ""))
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

@@ -391,6 +391,11 @@ def test_paper_protocol_on_one_pool_and_on_app_category_pools(setup, minilm, tmp
     result = json.loads((out / "results.json").read_text())
     assert set(result["retrieval"]) == {"app:test", "category:test", "all:test"}
     assert {label.split(":")[0] for label in result["scores"]} == {"app", "category", "all"}
+    summary = (out / "table.md").read_text().split("\n\n")[0].splitlines()  # methods x (pool, setting)
+    assert summary[0].startswith("| method | app IID | app OOD | category IID")
+    oracle_row = next(line for line in summary if line.startswith("| oracle |"))
+    app_oracle = result["scores"]["app:oracle/iid"]["average"]
+    assert oracle_row.split("|")[2].strip() == f"{app_oracle:.3f}" and oracle_row.split("|")[3].strip() == "–"
     oracle = result["scores"]["category:oracle/iid"]["examples"]
     assert all(ex["selected"] == [category_of[ex["task"]]] for ex in oracle)  # the category pool's own
     for label in ("all:mixture/ood", "all:uniform_all/ood"):

@@ -21,29 +21,16 @@ from lora_retriever.vlm.compose import IMAGE_TOKEN, llava_chat_template
 from lora_retriever.vlm.pretrain import init_position_embeddings, sincos_position_embeddings
 from swift.llm import get_model_tokenizer, get_template, inference
 from swift.llm.model import smollm2_hf_dir
+from tests.vlm_fixtures import TINY_VLM_RECIPE
 
-TINY = dict(
-    image_size=16,
-    patch_size=4,  # (16/4)^2 = 16 image tokens
-    vision_hidden_size=32,
-    vision_layers=1,
-    vision_heads=2,
-    vision_intermediate_size=64,
-    train_examples=14,  # two per image domain
-    heldout_examples=7,
-    pretrain_steps=3,
-    pretrain_batch_size=4,
-    steps=2,
-    batch_size=2,
-)
+pytest_plugins = ["tests.vlm_fixtures"]
+
+TINY = TINY_VLM_RECIPE
 
 
 @pytest.fixture(scope="module")
-def tiny_build(tmp_path_factory) -> tuple[Path, float]:
-    root = tmp_path_factory.mktemp("vlm_cache")
-    start = time.perf_counter()
-    folder = build_vlm(VlmRecipe(**TINY), cache_root=root, progress=False)
-    return folder, time.perf_counter() - start
+def tiny_build(tiny_llava_build) -> tuple[Path, float]:
+    return tiny_llava_build
 
 
 @pytest.fixture(scope="module")

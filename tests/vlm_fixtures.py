@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,6 +25,35 @@ from tests.tiny_vlms import TinyModelDirs
 def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> TinyModelDirs:
     """Tiny model directories by swift.llm model type, built on first use."""
     return TinyModelDirs(tmp_path_factory.mktemp("tiny_models"))
+
+
+#: A tiny ``VlmRecipe`` (1-layer, 32-wide vision tower on 16x16 images, a handful of steps) around the real
+#: SmolLM2: the whole build path in seconds.
+TINY_VLM_RECIPE = dict(
+    image_size=16,
+    patch_size=4,  # (16/4)^2 = 16 image tokens
+    vision_hidden_size=32,
+    vision_layers=1,
+    vision_heads=2,
+    vision_intermediate_size=64,
+    train_examples=14,  # two per image domain
+    heldout_examples=7,
+    pretrain_steps=3,
+    pretrain_batch_size=4,
+    steps=2,
+    batch_size=2,
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float]:
+    """``(folder, seconds)`` of the tiny recipe's build, in a session cache root of its own."""
+    from lora_retriever.vlm import VlmRecipe, build_vlm
+
+    root = tmp_path_factory.mktemp("vlm_cache")
+    start = time.perf_counter()
+    folder = build_vlm(VlmRecipe(**TINY_VLM_RECIPE), cache_root=root, progress=False)
+    return folder, time.perf_counter() - start
 
 
 @pytest.fixture(scope="session")
