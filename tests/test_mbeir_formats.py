@@ -227,6 +227,17 @@ def test_instruction_rows_are_checked_and_queries_need_one(root: Path) -> None:
     assert [(Path(p.path).name, p.line) for p in missing] == [("q.jsonl", 2)]
 
 
+def test_a_record_repeated_in_another_file_is_fine_if_it_is_the_same(root: Path) -> None:
+    """UniIR's union files repeat the per-dataset files' queries and candidates."""
+    first = _lines(root / "a.jsonl", [_query("1:1", txt="x"), _query("1:2", txt="y")])
+    union = _lines(root / "union.jsonl", [_query("1:1", txt="x"), _query("1:2", txt="changed")])
+    pool = _lines(root / "p.jsonl", [_cand("1:1", txt="Paris")])
+    report = validate_files(
+        [first, union], [pool, _lines(root / "p_union.jsonl", [_cand("1:1", txt="Paris")])]
+    )
+    assert _found(report.problems) == {("union.jsonl", 2, "conflicting_id")}
+
+
 def test_checks_that_cannot_run_are_warnings_not_silence(root: Path) -> None:
     queries = _lines(root / "q.jsonl", [_query("1:1", img="img/a.png", modality="image", task_id=3)])
     report = validate_files([queries])

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from types import MappingProxyType
@@ -400,19 +400,25 @@ def _existing_file(path: str | Path, what: str) -> Path:
     return path
 
 
+def _scan_jsonl(
+    path: str | Path, what: str, parse: Callable[[Any, _Collector, int], Any]
+) -> tuple[list, list[Problem]]:
+    out = _Collector(path)
+    records = []
+    for line, obj in _json_lines(_existing_file(path, what), out):
+        record = parse(obj, out, line)
+        if record is not None:
+            records.append((line, record))
+    return records, out.problems
+
+
 def scan_queries(path: str | Path) -> tuple[list[tuple[int, MBeirQuery]], list[Problem]]:
     """Parse a query JSONL file: ``([(line, query), ...], problems)``; a line with an error gives no query.
 
     Raises:
         FileNotFoundError: ``path`` is not a file.
     """
-    out = _Collector(path)
-    records = []
-    for line, obj in _json_lines(_existing_file(path, "query file"), out):
-        query = _parse_query(obj, out, line)
-        if query is not None:
-            records.append((line, query))
-    return records, out.problems
+    return _scan_jsonl(path, "query file", _parse_query)
 
 
 def scan_candidates(path: str | Path) -> tuple[list[tuple[int, MBeirCandidate]], list[Problem]]:
@@ -421,13 +427,7 @@ def scan_candidates(path: str | Path) -> tuple[list[tuple[int, MBeirCandidate]],
     Raises:
         FileNotFoundError: ``path`` is not a file.
     """
-    out = _Collector(path)
-    records = []
-    for line, obj in _json_lines(_existing_file(path, "candidate pool"), out):
-        candidate = _parse_candidate(obj, out, line)
-        if candidate is not None:
-            records.append((line, candidate))
-    return records, out.problems
+    return _scan_jsonl(path, "candidate pool", _parse_candidate)
 
 
 def scan_instructions(path: str | Path) -> tuple[list[tuple[int, MBeirInstruction]], list[Problem]]:

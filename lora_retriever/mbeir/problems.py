@@ -24,7 +24,7 @@ PROBLEM_KINDS = MappingProxyType(
         "bad_task_id": "a task_id that is not one of UniIR's",
         "task_mismatch": "task_id disagrees with the query and positive-candidate modalities",
         "duplicate_id": "a qid, did or instruction key seen twice",
-        "conflicting_id": "one did with different contents in two pools",
+        "conflicting_id": "one qid or did with different contents in two files",
         "unknown_candidate": "a positive or negative id absent from the candidate pool",
         "missing_image": "an image path with no file under the data root",
         "missing_instruction": "no instruction row for a query's (dataset, modalities)",

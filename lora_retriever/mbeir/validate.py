@@ -11,7 +11,7 @@ CLI: ``python -m lora_retriever.mbeir validate DIR`` (or ``--queries/--pools/--i
 prints one problem per line and exits 1 when there is an error.
 
 Beyond the per-line checks of :mod:`.formats` (fields, types, ids, modalities, paths), this checks across files:
-duplicate qids (in all query files) and dids (in one pool; across pools one did must have one content), every
+a qid or did twice in one file, or with two contents in two files (UniIR's union files repeat records), every
 positive and negative id present in the query's candidate pools, ``task_id`` agreeing with the query's and its
 positives' modalities, an instruction row for each query's (dataset, modalities) when instructions are given,
 and every image path naming a file under the data root. A check that cannot run (no pool, no data root) is a
@@ -29,7 +29,7 @@ Layout :func:`validate_dataset` reads (UniIR's; :mod:`.build` writes it)::
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,22 +146,21 @@ def validate_files(
             )
         )
 
-    first_qid: dict[str, str] = {}
+    first_qid: dict[str, tuple[str, int, MBeirQuery]] = {}
     for path, records in query_records.items():
-        allowed = set().union(*(dids_of_pool[p] for p in explicit[path])) if path in explicit else set(by_did)
+        allowed = (
+            set().union(*(dids_of_pool[p] for p in explicit[path])) if path in explicit else by_did.keys()
+        )
         for line, query in records:
-            where = f"{path}:{line}"
-            if query.qid in first_qid:
-                problems.append(
-                    Problem(
-                        path,
-                        line,
-                        "duplicate_id",
-                        f"qid {query.qid!r} already used at {first_qid[query.qid]}",
-                    )
+            seen = first_qid.setdefault(query.qid, (path, line, query))
+            if seen[:2] != (path, line) and (seen[0] == path or seen[2] != query):
+                # One query in two files (e.g. a per-dataset file and UniIR's union file) is fine.
+                kind, what = (
+                    ("duplicate_id", "already used")
+                    if seen[0] == path
+                    else ("conflicting_id", "differs from")
                 )
-            else:
-                first_qid[query.qid] = where
+                problems.append(Problem(path, line, kind, f"qid {query.qid!r} {what} at {seen[0]}:{seen[1]}"))
             if pools:
                 _check_candidates(query, path, line, allowed, explicit.get(path), problems)
             _check_task(query, path, line, by_did, instruction_keys, bool(instructions), problems)
@@ -301,7 +300,7 @@ def _check_candidates(
     query: MBeirQuery,
     path: str,
     line: int,
-    allowed: set[str],
+    allowed: Container[str],
     pools: Sequence[str] | None,
     problems: list[Problem],
 ) -> None:
