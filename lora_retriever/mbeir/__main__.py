@@ -78,11 +78,11 @@ def _validate(args: argparse.Namespace) -> int:
 def _build(args: argparse.Namespace) -> int:
     config = config_from_args(MiniMBeirConfig, args, progress=not args.quiet)
     manifest = build_mini_mbeir(config)
-    print(f"{'task':<16} {'modalities':<20} " + " ".join(f"{s:>6}" for s in SPLITS) + f" {'pool':>6}")
+    print(f"{'task':<16} {'modalities':<20} " + " ".join(f"{s:>6}" for s in SPLITS) + f" {'test pool':>10}")
     for name, entry in manifest["tasks"].items():
         pair = f"{entry['query_modality']} -> {entry['cand_modality']}"
         counts = " ".join(f"{entry['splits'][s]['n_queries']:>6}" for s in SPLITS)
-        print(f"{name:<16} {pair:<20} {counts} {entry['splits']['test']['n_candidates']:>6}")
+        print(f"{name:<16} {pair:<20} {counts} {entry['splits']['test']['n_candidates']:>10}")
     pools = ", ".join(f"{s} {e['n_candidates']}" for s, e in manifest["global_pools"].items())
     print(f"global pools: {pools}; images: {manifest['images']['n_images']}; wrote {config.out_dir}")
     return 0

@@ -297,7 +297,8 @@ def _write_all(
     manifest = {
         "format": "M-BEIR (UniIR): query/, cand_pool/local/, cand_pool/global/, instructions/, mbeir_images/",
         "seed": config.seed,
-        "requested": {**config.sizes, "n_distractors": config.n_distractors},
+        "requested": {f"n_{split}": n for split, n in config.sizes.items()}
+        | {"n_distractors": config.n_distractors},
         "split_partitions": dict(SPLIT_PARTITIONS),
         "datasets": {s.dataset: s.dataset_id for s in specs},
         "tasks": task_entries,

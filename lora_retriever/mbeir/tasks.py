@@ -53,10 +53,9 @@ __all__ = [
 ]
 
 SPLIT_PARTITIONS: Mapping[str, str] = MappingProxyType({"train": "train", "val": "keys", "test": "test"})
-"""M-BEIR split -> the image partition (and text-suite split) it draws from."""
+"""M-BEIR split -> the image partition it draws from, which is also the name of the text suite's split
+(:func:`lora_retriever.tasks.build_splits`: train, keys, test)."""
 SPLITS: tuple[str, ...] = tuple(SPLIT_PARTITIONS)
-TEXT_SPLITS: Mapping[str, str] = MappingProxyType({"train": "train", "val": "keys", "test": "test"})
-"""M-BEIR split -> the text suite's split (:func:`lora_retriever.tasks.build_splits`)."""
 
 DATASET_IDS: Mapping[str, int] = MappingProxyType(
     {"capitals": 0, "currencies": 1, "screens": 2, "clocks": 3, "digits": 4}
@@ -275,7 +274,7 @@ def _text_answer_builder(task: str) -> Callable[[SplitRequest], SplitDraft]:
     """Text -> text: a text-suite question retrieves its answer among the task's answers."""
 
     def build(request: SplitRequest) -> SplitDraft:
-        records = _text_splits(task, request.seed, request.sizes).split(TEXT_SPLITS[request.split])
+        records = _text_splits(task, request.seed, request.sizes).split(request.partition)
         answer = {a: Content(a, None, {"task": task, "answer": a}) for a in _text_answers(task, request.seed)}
         queries = [
             QueryDraft(
