@@ -5,14 +5,14 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
-EXTRAS := dev,retrieval,tasks,train,plots,internvl2
+EXTRAS := dev,retrieval,tasks,train,plots,internvl2,service
 LOCK_VENV := .lock-venv
 
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv lock test test-slow lint format demo demo-vlm eval-paper bench clean
+.PHONY: venv lock test test-slow lint format demo demo-vlm eval-paper bench serve clean
 
 venv: $(STAMP)
 
@@ -62,6 +62,11 @@ eval-paper: venv
 
 bench: venv
 	$(PY) benchmarks/bench_mixture.py
+
+# The OpenAI-compatible service on 127.0.0.1:8000 (packaged SmolLM2 + the demo pool); SERVE_ARGS adds flags.
+SERVE_ARGS ?=
+serve: venv
+	$(PY) -m lora_retriever.service $(SERVE_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,392 @@
+"""The HTTP app: OpenAI-compatible generation routes, adapters, retrieval, health and metrics.
+
+``create_app(engine)`` builds the FastAPI app over a started ``Engine``:
+
+=========================== ============================================================================
+``POST /v1/chat/completions`` chat, OpenAI-compatible (``stream`` by SSE); ``model`` = base model, one adapter,
+                              ``"auto"`` or ``"mixture"`` with ``adapters``
+``POST /v1/completions``      plain completion of a prompt (a list of prompts gives one choice each)
+``GET /v1/models``            the base model, ``auto``, and every pool adapter
+``GET/POST /adapters``        list / register (a server-side PEFT directory; key built now), hot
+``DELETE /adapters/{name}``   unload and unregister, hot
+``POST /retrieve``            the top-k adapters for some texts
+``GET /health``, ``/metrics`` liveness and Prometheus text
+=========================== ============================================================================
+
+Every generation response (and the last chunk of a stream) carries ``adapters``: the adapters, weights and
+similarities actually used. Errors are OpenAI's JSON shape ``{"error": {"message", "type", "param", "code"}}``
+with a 4xx status for anything the client can fix.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lora_retriever.retriever import RetrievedAdapter
+from lora_retriever.service.engine import AUTO_MODEL, MIXTURE_MODEL, Engine, ServiceError
+from lora_retriever.service.scheduler import Completion, GenerationRequest, RequestHandle, TextDelta
+from lora_retriever.service.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    RegisterAdapterRequest,
+    RetrieveRequest,
+)
+from swift.utils import get_logger
+
+logger = get_logger(__name__)
+
+__all__ = ["create_app", "error_body"]
+
+MAX_BODY_BYTES = 4 * 2**20
+
+
+def error_body(
+    message: str, *, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def _adapters_json(adapters: list[RetrievedAdapter]) -> list[dict[str, Any]]:
+    def number(x: float) -> float | None:
+        return None if x != x else round(float(x), 6)  # NaN (no key / no text) -> null
+
+    return [
+        {"name": a.name, "weight": round(float(a.weight), 6), "similarity": number(a.similarity)}
+        for a in adapters
+    ]
+
+
+def create_app(engine: Engine) -> FastAPI:
+    """The FastAPI app over ``engine`` (the caller starts and stops the engine)."""
+    app = FastAPI(title="LoraRetriever service", version="0.1.0")
+    app.state.engine = engine
+    metrics = engine.metrics
+
+    @app.middleware("http")
+    async def count_and_limit(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
+            response = JSONResponse(
+                error_body(
+                    f"request body of {length} bytes exceeds the limit of {MAX_BODY_BYTES}", param="body"
+                ),
+                status_code=413,
+            )
+        else:
+            response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        metrics.requests.inc(endpoint=path, status=str(response.status_code))
+        return response
+
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, err: ServiceError) -> JSONResponse:
+        return JSONResponse(
+            error_body(err.message, type_=err.type, param=err.param, code=err.code), status_code=err.status
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
+        first = err.errors()[0] if err.errors() else {}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        param = ".".join(loc) or None
+        message = f"{param or 'body'}: {first.get('msg', 'invalid request')}"
+        if first.get("type") == "json_invalid":
+            message = f"the body is not valid JSON ({first.get('msg')})"
+        return JSONResponse(error_body(message, param=param, code="invalid_value"), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(error_body(str(err.detail)), status_code=err.status_code)
+
+    # -- generation -----------------------------------------------------------------------------------------
+
+    async def prepare(
+        body: ChatCompletionRequest | CompletionRequest, text: str, ids: list[int]
+    ) -> GenerationRequest:
+        adapters = await run_in_threadpool(
+            engine.resolve_adapters, body.model, body.adapter_pairs(), text, top_k=body.top_k
+        )
+        limit = engine.config.max_tokens_limit
+        max_tokens = (
+            getattr(body, "max_completion_tokens", None)
+            or body.max_tokens
+            or engine.config.default_max_tokens
+        )
+        if max_tokens > limit:
+            raise ServiceError(
+                f"max_tokens {max_tokens} exceeds this server's limit of {limit}", param="max_tokens"
+            )
+        return GenerationRequest(
+            prompt_ids=ids,
+            adapters=adapters,
+            max_tokens=max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            stop=tuple(body.stop_list()),
+            seed=body.seed,
+        )
+
+    def submit(request: GenerationRequest) -> RequestHandle:
+        import asyncio
+
+        try:
+            return engine.submit(request, asyncio.get_running_loop())
+        except RuntimeError as err:
+            raise ServiceError(str(err), status=503) from err
+
+    def usage(done: list[Completion]) -> dict[str, int]:
+        prompt = sum(c.prompt_tokens for c in done)
+        completion = sum(c.completion_tokens for c in done)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def extension(request: GenerationRequest, done: Completion) -> dict[str, Any]:
+        return {"batch_size": done.batch_size, "queue_ms": round(done.queue_seconds * 1000, 2)}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest):
+        messages = []
+        for i, message in enumerate(body.messages):
+            if isinstance(message.content, list):
+                bad = [p.type for p in message.content if p.type != "text"]
+                if bad:
+                    raise ServiceError(
+                        f"messages[{i}] has content of type {bad[0]!r}, but {engine.base_name} is a text-only model; "
+                        "send text parts only",
+                        param=f"messages.{i}.content",
+                    )
+            role = "system" if message.role == "developer" else message.role
+            messages.append({"role": role, "content": message.text()})
+        user_texts = [m["content"] for m in messages if m["role"] == "user"]
+        if not user_texts:
+            raise ServiceError("messages holds no user message", param="messages")
+        ids = await run_in_threadpool(engine.encode_chat, messages)
+        request = await prepare(body, user_texts[-1], ids)
+        handle = submit(request)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        head = {"id": rid, "created": created, "model": body.model}
+        if body.stream:
+            include_usage = bool((body.stream_options or {}).get("include_usage"))
+            return _sse(_chat_chunks(handle, head, request, include_usage), handle)
+        done = await _result(handle)
+        return {
+            **head,
+            "object": "chat.completion",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": done.text},
+                    "finish_reason": _openai_reason(done),
+                    "logprobs": None,
+                }
+            ],
+            "usage": usage([done]),
+            "adapters": _adapters_json(request.adapters),
+            "lora_retriever": extension(request, done),
+        }
+
+    async def _chat_chunks(
+        handle: RequestHandle, head: dict, request: GenerationRequest, include_usage: bool
+    ):
+        base = {**head, "object": "chat.completion.chunk"}
+        yield {
+            **base,
+            "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
+        }
+        async for event in handle.events():
+            if isinstance(event, TextDelta):
+                yield {
+                    **base,
+                    "choices": [{"index": 0, "delta": {"content": event.text}, "finish_reason": None}],
+                }
+            else:
+                last = {
+                    **base,
+                    "choices": [{"index": 0, "delta": {}, "finish_reason": _openai_reason(event)}],
+                    "adapters": _adapters_json(request.adapters),
+                    "lora_retriever": extension(request, event),
+                }
+                if include_usage:
+                    last["usage"] = usage([event])
+                yield last
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        prompts = body.prompts()
+        if body.stream and len(prompts) > 1:
+            raise ServiceError("stream takes one prompt; send one request per prompt", param="prompt")
+        requests = []
+        for prompt in prompts:
+            ids = await run_in_threadpool(engine.encode_prompt, prompt)
+            requests.append(await prepare(body, prompt, ids))
+        handles = [submit(r) for r in requests]
+        rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        head = {"id": rid, "created": created, "model": body.model}
+        if body.stream:
+            include_usage = bool((body.stream_options or {}).get("include_usage"))
+            return _sse(_completion_chunks(handles[0], head, requests[0], include_usage), handles[0])
+        done = [await _result(h) for h in handles]
+        return {
+            **head,
+            "object": "text_completion",
+            "choices": [
+                {"index": i, "text": d.text, "finish_reason": _openai_reason(d), "logprobs": None}
+                for i, d in enumerate(done)
+            ],
+            "usage": usage(done),
+            "adapters": _adapters_json(requests[0].adapters),
+            "choice_adapters": [_adapters_json(r.adapters) for r in requests],
+            "lora_retriever": extension(requests[0], done[0]),
+        }
+
+    async def _completion_chunks(
+        handle: RequestHandle, head: dict, request: GenerationRequest, include_usage: bool
+    ):
+        base = {**head, "object": "text_completion"}
+        async for event in handle.events():
+            if isinstance(event, TextDelta):
+                yield {
+                    **base,
+                    "choices": [{"index": 0, "text": event.text, "finish_reason": None, "logprobs": None}],
+                }
+            else:
+                last = {
+                    **base,
+                    "choices": [
+                        {"index": 0, "text": "", "finish_reason": _openai_reason(event), "logprobs": None}
+                    ],
+                    "adapters": _adapters_json(request.adapters),
+                    "lora_retriever": extension(request, event),
+                }
+                if include_usage:
+                    last["usage"] = usage([event])
+                yield last
+
+    @app.get("/v1/models")
+    async def models():
+        created = int(time.time())
+        data = [
+            {
+                "id": engine.base_name,
+                "object": "model",
+                "created": created,
+                "owned_by": "lora-retriever",
+                "kind": "base",
+            },
+            {
+                "id": AUTO_MODEL,
+                "object": "model",
+                "created": created,
+                "owned_by": "lora-retriever",
+                "kind": "auto",
+            },
+            {
+                "id": MIXTURE_MODEL,
+                "object": "model",
+                "created": created,
+                "owned_by": "lora-retriever",
+                "kind": "mixture",
+            },
+        ]
+        data += [
+            {
+                "id": a["name"],
+                "object": "model",
+                "created": created,
+                "owned_by": "lora-retriever",
+                "kind": "adapter",
+            }
+            for a in engine.list_adapters()
+        ]
+        return {"object": "list", "data": data}
+
+    # -- adapters and retrieval -------------------------------------------------------------------------------
+
+    @app.get("/adapters")
+    async def list_adapters():
+        return {"adapters": engine.list_adapters()}
+
+    @app.post("/adapters", status_code=201)
+    async def register_adapter(body: RegisterAdapterRequest):
+        stored = await run_in_threadpool(
+            lambda: engine.register_adapter(
+                body.name,
+                body.path,
+                samples=body.samples,
+                samples_path=body.samples_path,
+                description=body.description,
+                pin=body.pin,
+            )
+        )
+        return {"adapter": stored}
+
+    @app.delete("/adapters/{name}")
+    async def delete_adapter(name: str):
+        await run_in_threadpool(engine.delete_adapter, name)
+        return {"deleted": name}
+
+    @app.post("/retrieve")
+    async def retrieve(body: RetrieveRequest):
+        try:
+            texts = body.texts()
+        except ValueError as err:
+            raise ServiceError(str(err), param="input") from err
+        results = await run_in_threadpool(engine.retrieve, texts, body.top_k, body.weight_mode)
+        return {"results": [{"input": t, "adapters": _adapters_json(r)} for t, r in zip(texts, results)]}
+
+    @app.get("/health")
+    async def health():
+        return engine.health()
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def prometheus():
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app
+
+
+def _openai_reason(done: Completion) -> str:
+    return "length" if done.finish_reason == "length" else "stop"
+
+
+async def _result(handle: RequestHandle) -> Completion:
+    try:
+        return await handle.result()
+    except BaseException:
+        handle.cancel()
+        raise
+
+
+def _sse(chunks: AsyncIterator[dict], handle: RequestHandle) -> StreamingResponse:
+    """Server-sent events: one ``data: <json>`` per chunk, ``data: [DONE]`` at the end; an error after the stream
+    began is sent as an ``error`` object (the status is already 200). A client that disconnects cancels its
+    request: its row of the batch stops at the next decode step."""
+
+    async def body():
+        handle_error = None
+        try:
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+        except ServiceError as err:
+            handle_error = error_body(err.message, type_=err.type, param=err.param, code=err.code)
+        except Exception as err:  # the stream has begun: report, don't drop the connection silently
+            logger.exception("stream failed")
+            handle_error = error_body(f"{type(err).__name__}: {err}", type_="server_error")
+        finally:
+            if not handle.finished:
+                handle.cancel()
+        if handle_error is not None:
+            yield f"data: {json.dumps(handle_error)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -1,0 +1,151 @@
+"""``ServiceConfig``: the settings of ``lora-retriever-serve``; each field's ``help`` is its flag's help.
+
+The embedded default serves the packaged SmolLM2-135M-Instruct with the demo pool (``data/demo/pool/pool.json``,
+built by ``make demo``) on 127.0.0.1:8000, and keeps the adapters registered over HTTP in its own pool config
+under ``data_dir``. ``check_startup`` validates everything that can be checked before the model loads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from lora_retriever.embedders.config import DTYPES, EmbedderConfig
+from lora_retriever.retriever import WEIGHT_MODES
+from swift.llm.model import DEFAULT_MODEL_TYPE, MODEL_TYPE_CHOICES
+
+__all__ = ["DEMO_POOL", "REGISTRY_NAME", "ServiceConfig"]
+
+#: The pool the embedded default serves: the one ``make demo`` builds (``DemoSettings.work_dir`` + ``pool``).
+DEMO_POOL = "data/demo/pool/pool.json"
+#: The service's own pool config (adapters registered over HTTP), inside ``data_dir``.
+REGISTRY_NAME = "pool.json"
+_EMBEDDER_FIELDS = {f.name: f for f in fields(EmbedderConfig)}
+
+
+@dataclass
+class ServiceConfig:
+    """Settings of the LoraRetriever service (``lora-retriever-serve`` / ``python -m lora_retriever.service``)."""
+
+    host: str = field(default="127.0.0.1", metadata={"help": "address to bind (loopback by default)"})
+    port: int = field(default=8000, metadata={"help": "TCP port (0: any free port)"})
+    model_type: str = field(
+        default=DEFAULT_MODEL_TYPE,
+        metadata={
+            "help": f"base model type ({DEFAULT_MODEL_TYPE} is packaged; the others need --model_path)",
+            "choices": [t for t in MODEL_TYPE_CHOICES if t != "auto"],
+        },
+    )
+    model_path: str | None = field(
+        default=None, metadata={"help": "local model directory (not needed for the packaged default)"}
+    )
+    pools: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": f"adapter pool config JSON served (repeatable; default: the demo pool {DEMO_POOL}, built by "
+            "`make demo`)",
+            "flag": "pool",
+            "action": "append",
+        },
+    )
+    data_dir: str = field(
+        default="data/service",
+        metadata={
+            "help": f"the service's own files: {REGISTRY_NAME} (adapters registered over HTTP) and keys/"
+        },
+    )
+    max_batch_size: int = field(default=16, metadata={"help": "generation requests decoded together at most"})
+    max_wait_ms: float = field(
+        default=10.0,
+        metadata={"help": "how long the first request of a batch waits for others to join (milliseconds)"},
+    )
+    top_k: int = field(default=3, metadata={"help": 'adapters retrieved per input for model "auto"'})
+    weight_mode: str = field(
+        default="uniform",
+        metadata={"help": 'weights of the retrieved adapters for model "auto"', "choices": WEIGHT_MODES},
+    )
+    default_max_tokens: int = field(default=64, metadata={"help": "max_tokens of a request that sets none"})
+    max_tokens_limit: int = field(default=512, metadata={"help": "the largest max_tokens a request may ask"})
+    max_adapters_per_request: int = field(
+        default=8, metadata={"help": "adapters one request may mix (explicit mixtures and top_k)"}
+    )
+    max_total_weight: float = field(
+        default=4.0, metadata={"help": "largest sum of |weight| an explicit mixture may have"}
+    )
+    max_resident_adapters: int = field(
+        default=64, metadata={"help": "adapter cache: adapters kept loaded in the model at most"}
+    )
+    adapter_memory_mb: float = field(
+        default=512.0, metadata={"help": "adapter cache: memory budget of the loaded adapters' weights (MB)"}
+    )
+    pinned: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "adapters loaded at start and never evicted (repeatable)",
+            "flag": "pin",
+            "action": "append",
+        },
+    )
+    embedder: str = field(
+        default=_EMBEDDER_FIELDS["backend"].default, metadata=_EMBEDDER_FIELDS["backend"].metadata
+    )
+    embedder_path: str | None = field(default=None, metadata=_EMBEDDER_FIELDS["model_path"].metadata)
+    device: str = field(default="cpu", metadata={"help": "torch device"})
+    dtype: str = field(default="float32", metadata={"help": "model dtype (fp32 on CPU)", "choices": DTYPES})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.pools, str):
+            self.pools = [self.pools]
+        for name in (
+            "max_batch_size",
+            "top_k",
+            "default_max_tokens",
+            "max_tokens_limit",
+            "max_adapters_per_request",
+            "max_resident_adapters",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}; pass --{name} N")
+        if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in 0..65535, got {self.port!r}; pass --port N")
+        if not self.max_wait_ms >= 0:
+            raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms!r}; pass --max_wait_ms MS")
+        if not self.max_total_weight > 0:
+            raise ValueError(f"max_total_weight must be > 0, got {self.max_total_weight!r}")
+        if not self.adapter_memory_mb > 0:
+            raise ValueError(f"adapter_memory_mb must be > 0, got {self.adapter_memory_mb!r}")
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError(
+                f"default_max_tokens ({self.default_max_tokens}) exceeds max_tokens_limit ({self.max_tokens_limit}); "
+                "raise --max_tokens_limit or lower --default_max_tokens"
+            )
+        if self.weight_mode not in WEIGHT_MODES:
+            raise ValueError(f"weight_mode must be one of {WEIGHT_MODES}, got {self.weight_mode!r}")
+        if self.model_type not in MODEL_TYPE_CHOICES or self.model_type == "auto":
+            raise ValueError(
+                f"model_type must be one of {list(MODEL_TYPE_CHOICES)[:-1]}, got {self.model_type!r}"
+            )
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if not self.data_dir:
+            raise ValueError("data_dir is empty; pass --data_dir DIR")
+        self.embedder_config()  # validates the embedder settings
+
+    @property
+    def pool_configs(self) -> list[Path]:
+        """The pool configs served (the demo pool when none is given), absolute."""
+        return [Path(p).expanduser().absolute() for p in (self.pools or [DEMO_POOL])]
+
+    @property
+    def registry_config(self) -> Path:
+        """The service's own pool config, where ``POST /adapters`` registers."""
+        return Path(self.data_dir).expanduser().absolute() / REGISTRY_NAME
+
+    def embedder_config(self) -> EmbedderConfig:
+        """The retrieval embedder's ``EmbedderConfig`` (validated)."""
+        return EmbedderConfig(backend=self.embedder, model_path=self.embedder_path, device=self.device)
+
+    def served_model_name(self) -> str:
+        """The id clients pass as ``model`` for the base model: the model type, or the model folder's name."""
+        return self.model_type if self.model_path is None else Path(self.model_path).expanduser().name
