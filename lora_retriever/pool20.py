@@ -22,6 +22,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from lora_retriever.tasks.registry import TASK_NAMES
@@ -30,7 +31,15 @@ from swift.utils import get_logger
 
 logger = get_logger(__name__)
 
-__all__ = ["PoolBuildConfig", "build_pool", "eval_command", "main"]
+__all__ = [
+    "PoolBuildConfig",
+    "build_pool",
+    "cluster_scores",
+    "cluster_table",
+    "eval_command",
+    "main",
+    "retrieval_by_cluster",
+]
 
 
 @dataclass
@@ -120,6 +129,88 @@ def eval_command(summary: dict[str, Any], output_dir: str = "outputs/pool20") ->
         f"--test_data {tasks_dir}/test_mixed.jsonl --test_alt {tasks_dir}/test_mixed_alt.jsonl "
         f"--output_dir {output_dir}"
     )
+
+
+def retrieval_by_cluster(pool_config: str | Path, test_data: str | Path, top_k: int = 3) -> dict[str, Any]:
+    """Where the retriever's picks land, per cluster of the queries' tasks (the packaged embedder, the
+    pool's keys, every query of ``test_data``).
+
+    Per cluster and ``"all"``: ``top1`` (own adapter ranked first), ``top1_cluster`` (first pick from the
+    own cluster), ``topk`` (own adapter among the top ``top_k``), ``topk_cluster`` (share of the top ``top_k``
+    from the own cluster) and ``ood_topk_cluster`` (the same with the own adapter excluded, as the paper's
+    out-of-domain setting retrieves: how much of an OOD mixture comes from related adapters).
+
+    Raises:
+        ValueError: fewer than 2 adapters, or a query's task or an adapter that is not a task of the suite.
+    """
+    import numpy as np
+
+    from lora_retriever.data import read_samples
+    from lora_retriever.embedders import EmbedderConfig, get_embedder
+    from lora_retriever.pool import AdapterPool
+    from lora_retriever.retriever import LoraRetriever, LoraRetrieverConfig
+    from lora_retriever.tasks import get_task
+
+    pool = AdapterPool.from_configs(pool_config)
+    retriever = LoraRetriever(
+        LoraRetrieverConfig(top_k=top_k), pool=pool, embedder=get_embedder(EmbedderConfig())
+    )
+    retriever.check_embedder()
+    samples = read_samples(test_data)
+    names = list(pool.names)
+    if len(names) < 2:
+        raise ValueError(f"{pool_config} has {len(names)} adapter(s); retrieval by cluster needs at least 2")
+    adapter_cluster = np.array([get_task(name).cluster for name in names])
+    sims = retriever.similarities(retriever.embed_queries([s.query for s in samples]))
+    own = np.array([names.index(s.task) if s.task in names else -1 for s in samples])
+    if (own < 0).any():
+        raise ValueError(
+            f"test_data has tasks {sorted({s.task for s, o in zip(samples, own) if o < 0})} with no "
+            f"adapter in {pool_config}; build the pool for every task of the test set"
+        )
+    cluster = np.array([get_task(s.task).cluster for s in samples])
+    ranked = np.argsort(-sims, axis=1, kind="stable")
+    ood = sims.copy()
+    ood[np.arange(len(own)), own] = -np.inf
+    ood_ranked = np.argsort(-ood, axis=1, kind="stable")[:, : min(top_k, len(names) - 1)]  # never the own
+    rows = {
+        "top1": ranked[:, 0] == own,
+        "top1_cluster": adapter_cluster[ranked[:, 0]] == cluster,
+        "topk": (ranked[:, :top_k] == own[:, None]).any(axis=1),
+        "topk_cluster": (adapter_cluster[ranked[:, :top_k]] == cluster[:, None]).mean(axis=1),
+        "ood_topk_cluster": (adapter_cluster[ood_ranked] == cluster[:, None]).mean(axis=1),
+    }
+    groups = {"all": np.ones(len(samples), bool)} | {c: cluster == c for c in dict.fromkeys(cluster)}
+    return {
+        group: {"n": int(mask.sum())} | {k: round(float(v[mask].mean()), 4) for k, v in rows.items()}
+        for group, mask in groups.items()
+    }
+
+
+def cluster_scores(result: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Per-cluster averages of a ``lora_retriever.eval`` result: ``{column: {cluster: mean over its tasks}}``
+    (the tasks of a cluster weigh equally; a column's tasks must all be tasks of the suite)."""
+    from lora_retriever.tasks import get_task
+
+    out: dict[str, dict[str, float]] = {}
+    for column, score in result["scores"].items():
+        by_cluster: dict[str, list[float]] = {}
+        for task, value in score["per_task"].items():
+            by_cluster.setdefault(get_task(task).cluster, []).append(value)
+        out[column] = {c: sum(v) / len(v) for c, v in by_cluster.items()}
+    return out
+
+
+def cluster_table(result: dict[str, Any]) -> str:
+    """``cluster_scores`` as a markdown table (rows: clusters, columns: the result's methods/settings)."""
+    from lora_retriever.tasks import CLUSTERS
+
+    scores = cluster_scores(result)
+    columns = list(scores)
+    clusters = [c for c in CLUSTERS if c in next(iter(scores.values()), {})]
+    lines = ["| cluster | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    lines += [f"| {c} | " + " | ".join(f"{scores[col][c]:.2f}" for col in columns) + " |" for c in clusters]
+    return "\n".join(lines) + "\n"
 
 
 def build_parser() -> argparse.ArgumentParser:

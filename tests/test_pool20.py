@@ -9,7 +9,14 @@ import pytest
 
 from lora_retriever.demo import RECIPE_STAMP, build_tasks, recipe
 from lora_retriever.pool import AdapterPool
-from lora_retriever.pool20 import PoolBuildConfig, build_pool, eval_command, main
+from lora_retriever.pool20 import (
+    PoolBuildConfig,
+    build_pool,
+    cluster_table,
+    eval_command,
+    main,
+    retrieval_by_cluster,
+)
 from lora_retriever.tasks import DEMO_TASK_NAMES, TASK_NAMES
 from swift.utils.machine import cpu_info
 from tests.tiny_vlms import save_tiny_llama
@@ -46,11 +53,12 @@ def test_build_tasks_defaults_to_the_demo_seven_and_rebuilds_for_other_tasks(tmp
 
 
 def test_build_trains_registers_and_resumes(tmp_path, capsys):
-    """Two tasks of one cluster, one step each, on a tiny Llama: the CLI trains and registers both and names
-    the CPU; a second build reuses both; a new recipe retrains them."""
+    """Two related tasks and one other, one step each, on a tiny Llama: the CLI trains and registers them and
+    names the CPU; a second build reuses them; a new recipe retrains them. Retrieval is reported by cluster."""
     llama = save_tiny_llama(tmp_path / "llama")
     work_dir = tmp_path / "pool20"
-    argv = ["--work_dir", str(work_dir), "--tasks", "capital", "capital_country", "--steps", "1"]
+    tasks = ["capital", "capital_country", "arithmetic"]
+    argv = ["--work_dir", str(work_dir), "--tasks", *tasks, "--steps", "1"]
     argv += [
         "--workers",
         "1",
@@ -64,20 +72,20 @@ def test_build_trains_registers_and_resumes(tmp_path, capsys):
     ]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "(2 adapters: 2 trained now, 0 reused)" in out
+    assert "(3 adapters: 3 trained now, 0 reused)" in out
     assert cpu_info()["model"] in out  # the run time comes with the CPU it was measured on
     assert "--test_data " + str(work_dir / "tasks" / "test_mixed.jsonl") in out
 
     pool_config = work_dir / "pool" / "pool.json"
     pool = AdapterPool.from_configs(pool_config)
-    assert sorted(pool.names) == ["capital", "capital_country"]
+    assert sorted(pool.names) == sorted(tasks)
     for name in pool.names:
         stamp = json.loads((work_dir / "pool" / name / RECIPE_STAMP).read_text())
         assert stamp == recipe(1, "llama", str(llama))
 
     config = PoolBuildConfig(
         work_dir=str(work_dir),
-        tasks=["capital", "capital_country"],
+        tasks=tasks,
         steps=1,
         workers=1,
         n_test=3,
@@ -86,12 +94,27 @@ def test_build_trains_registers_and_resumes(tmp_path, capsys):
         progress=False,
     )
     again = build_pool(config)
-    assert again["trained"] == [] and again["reused"] == ["capital", "capital_country"]
+    assert again["trained"] == [] and again["reused"] == tasks
     assert again["seconds"] >= 0 and again["cpu"]
     assert eval_command(again).startswith(f"python -m lora_retriever.eval --pool {pool_config} ")
 
+    # 3 test queries per task. Arithmetic queries find their own adapter first; of their top 3 (the whole
+    # pool) one is from their cluster; out of domain none is. A geography query's OOD top 2 are its sibling
+    # and the arithmetic adapter: half from its cluster.
+    report = retrieval_by_cluster(pool_config, work_dir / "tasks" / "test_mixed.jsonl")
+    assert report["all"]["n"] == 9 and report["geography"]["n"] == 6
+    assert report["arithmetic"] == {
+        "n": 3,
+        "top1": 1.0,
+        "top1_cluster": 1.0,
+        "topk": 1.0,
+        "topk_cluster": round(1 / 3, 4),
+        "ood_topk_cluster": 0.0,
+    }
+    assert report["geography"]["top1_cluster"] == 1.0 and report["geography"]["ood_topk_cluster"] == 0.5
+
     config.steps = 2  # another recipe: nothing is reused
-    assert build_pool(config)["trained"] == ["capital", "capital_country"]
+    assert build_pool(config)["trained"] == tasks
 
 
 def test_bad_work_dir_is_a_one_line_error(tmp_path, capsys):
@@ -99,3 +122,15 @@ def test_bad_work_dir_is_a_one_line_error(tmp_path, capsys):
     blocker.write_text("x")
     assert main(["--work_dir", str(blocker), "--tasks", "capital", "--quiet"]) == 2
     assert "work_dir" in capsys.readouterr().err
+
+
+def test_cluster_table_averages_the_tasks_of_each_cluster():
+    result = {
+        "scores": {
+            "selection/iid": {"per_task": {"arithmetic": 0.5, "capital": 1.0, "capital_country": 0.0}},
+            "mixture/ood": {"per_task": {"arithmetic": 0.25, "capital": 0.5, "capital_country": 0.25}},
+        }
+    }
+    table = cluster_table(result).splitlines()
+    assert table[0] == "| cluster | selection/iid | mixture/ood |"
+    assert table[2:] == ["| arithmetic | 0.50 | 0.25 |", "| geography | 0.50 | 0.38 |"]
