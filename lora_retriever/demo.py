@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lora_retriever.pipeline import MERGE_METHODS
 from lora_retriever.training.config import TrainConfig
@@ -30,12 +30,16 @@ from swift.llm.model import DEFAULT_MODEL_TYPE, MODEL_TYPE_CHOICES
 from swift.utils import get_logger
 from swift.utils.files import atomic_write, ensure_writable_dir
 
+if TYPE_CHECKING:
+    from lora_retriever.pool20 import PoolBuildConfig
+
 logger = get_logger(__name__)
 
 __all__ = [
     "RECIPE_STAMP",
     "TRAIN_ARGS",
     "DemoConfig",
+    "build_task_pool",
     "DemoSettings",
     "is_cached",
     "is_trained",
@@ -43,7 +47,6 @@ __all__ = [
     "run_demo",
     "train_all",
     "train_config",
-    "train_missing",
 ]
 
 TRAIN_ARGS = {  # the exact recipe every demo adapter is trained with (recorded in training_args.json)
@@ -297,43 +300,52 @@ def _train_child(config: TrainConfig, log: str, steps: Any) -> None:
     train(config, on_step=lambda step, loss: steps.put((config.adapter_name, step, loss)))
 
 
-def train_missing(
-    tasks: Sequence[str],
-    tasks_dir: Path,
-    pool_dir: Path,
-    steps: int,
-    workers: int,
-    *,
-    model_type: str = DEFAULT_MODEL_TYPE,
-    model_path: str | None = None,
-    progress: bool = True,
-) -> list[str]:
-    """Train and register (``train_all``) the adapters of ``tasks`` that ``pool_dir`` lacks or holds with
-    another recipe; each gets its recipe stamp when its training succeeds, so an interrupted run resumes.
+def build_task_pool(
+    config: DemoConfig | PoolBuildConfig, tasks: Sequence[str]
+) -> tuple[Path, Path, list[str]]:
+    """In ``config.work_dir``: the task suite of ``tasks`` (``build_tasks``) and their adapters, trained with
+    the demo's recipe (``train_all``) and registered with their keys in ``pool/pool.json``. Adapters already
+    there with the same recipe are reused; each new one gets its recipe stamp as soon as its training
+    succeeds, so an interrupted build resumes.
 
     Returns:
-        The tasks trained now, in ``tasks``' order (empty when every adapter was reused).
+        ``(tasks_dir, pool_dir, tasks trained now)``.
     """
-    stamp = recipe(steps, model_type, model_path)
+    from swift.llm.model import smollm2_hf_dir
+
+    work_dir = ensure_writable_dir(config.work_dir, argument="work_dir").resolve()
+    if config.model_type == DEFAULT_MODEL_TYPE and config.model_path is None:
+        smollm2_hf_dir()  # convert the packaged GGUF once, before the trainings start in parallel
+    tasks_dir = build_tasks(work_dir, config.n_test, config.seed, tasks)
+    pool_dir = work_dir / "pool"
+    stamp = recipe(config.steps, config.model_type, config.model_path)
     todo = [t for t in tasks if not is_trained(pool_dir, t, stamp)]
     if not todo:
         logger.info("adapters: all %d reused from %s", len(tasks), pool_dir)
-        return todo
+        return tasks_dir, pool_dir, todo
     pool_dir.mkdir(parents=True, exist_ok=True)
-    logger.info("training %d adapters (%d steps each, %d at a time): %s", len(todo), steps, workers, todo)
+    logger.info(
+        "training %d adapters (%d steps each, %d at a time): %s",
+        len(todo),
+        config.steps,
+        config.workers,
+        todo,
+    )
     for task in todo:
         (pool_dir / task / RECIPE_STAMP).unlink(missing_ok=True)  # stale until this training succeeds
     configs = [
-        train_config(t, tasks_dir, pool_dir, steps, model_type=model_type, model_path=model_path)
+        train_config(
+            t, tasks_dir, pool_dir, config.steps, model_type=config.model_type, model_path=config.model_path
+        )
         for t in todo
     ]
     train_all(
         configs,
-        workers,
+        config.workers,
         on_trained=lambda c: atomic_write(Path(c.output_dir) / RECIPE_STAMP, json.dumps(stamp)),
-        progress=progress,
+        progress=config.progress,
     )
-    return todo
+    return tasks_dir, pool_dir, todo
 
 
 def run_demo(config: DemoConfig) -> dict[str, Any]:
@@ -344,25 +356,11 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     """
     from lora_retriever.pipeline import InferenceConfig, run_inference
     from lora_retriever.tasks import DEMO_TASK_NAMES
-    from swift.llm.model import smollm2_hf_dir
 
     start = time.perf_counter()
-    work_dir = ensure_writable_dir(config.work_dir, argument="work_dir").resolve()
+    ensure_writable_dir(config.work_dir, argument="work_dir")
     ensure_writable_dir(config.output_dir, argument="output_dir")
-    if config.model_type == DEFAULT_MODEL_TYPE and config.model_path is None:
-        smollm2_hf_dir()  # convert the packaged GGUF once, before the trainings start in parallel
-    tasks_dir = build_tasks(work_dir, config.n_test, config.seed, DEMO_TASK_NAMES)
-    pool_dir = work_dir / "pool"
-    todo = train_missing(
-        DEMO_TASK_NAMES,
-        tasks_dir,
-        pool_dir,
-        config.steps,
-        config.workers,
-        model_type=config.model_type,
-        model_path=config.model_path,
-        progress=config.progress,
-    )
+    tasks_dir, pool_dir, todo = build_task_pool(config, DEMO_TASK_NAMES)
     metrics = run_inference(
         InferenceConfig(
             test_data=str(tasks_dir / "test_mixed.jsonl"),

@@ -3,7 +3,7 @@
 1. writes the whole offline task suite (``TASK_NAMES``: 20 tasks in 6 clusters of related tasks) to
    ``<work_dir>/tasks``,
 2. trains one LoRA adapter per task on SmolLM2-135M-Instruct with ``make demo``'s recipe and machinery
-   (``lora_retriever.demo.train_missing``: worker processes, one progress bar) and registers each with its
+   (``lora_retriever.demo.build_task_pool``: worker processes, one progress bar) and registers each with its
    retrieval key in ``<work_dir>/pool/pool.json``.
 
 Resumable: the tasks, and every adapter already trained with the same recipe, are reused, so an interrupted
@@ -89,27 +89,11 @@ def build_pool(config: PoolBuildConfig) -> dict[str, Any]:
         ValueError: ``work_dir`` is not a writable folder.
         ChildProcessError: a training failed (the adapters finished before it are kept).
     """
-    from lora_retriever.demo import build_tasks, train_missing
-    from swift.llm.model import smollm2_hf_dir
-    from swift.utils.files import ensure_writable_dir
+    from lora_retriever.demo import build_task_pool
     from swift.utils.machine import cpu_summary
 
     start = time.perf_counter()
-    work_dir = ensure_writable_dir(config.work_dir, argument="work_dir").resolve()
-    if config.model_type == DEFAULT_MODEL_TYPE and config.model_path is None:
-        smollm2_hf_dir()  # convert the packaged GGUF once, before the trainings start in parallel
-    tasks_dir = build_tasks(work_dir, config.n_test, config.seed, config.tasks)
-    pool_dir = work_dir / "pool"
-    trained = train_missing(
-        config.tasks,
-        tasks_dir,
-        pool_dir,
-        config.steps,
-        config.workers,
-        model_type=config.model_type,
-        model_path=config.model_path,
-        progress=config.progress,
-    )
+    tasks_dir, pool_dir, trained = build_task_pool(config, config.tasks)
     return {
         "pool_config": str(pool_dir / "pool.json"),
         "tasks_dir": str(tasks_dir),
