@@ -1,4 +1,4 @@
-"""Nearest-key search over adapter keys: exact (numpy) for small pools, FAISS flat / HNSW for large ones;
+"""Nearest-key search over adapter keys: exact (numpy) for small pools, FAISS flat / HNSW / IVF for large ones;
 and the exact score-level fusion of text and image similarities for image-aware retrieval.
 
 All indexes work on L2-normalised vectors with inner product (= cosine similarity) and remember the
@@ -27,6 +27,7 @@ __all__ = [
     "ExactIndex",
     "FaissFlatIndex",
     "FaissHNSWIndex",
+    "FaissIVFIndex",
     "KeyIndex",
     "QueryVectors",
     "build_index",
@@ -40,7 +41,7 @@ MODALITIES = ("text", "image", "fused")
 #: seed's 0.7 (``0.7 * text + 0.3 * image``).
 DEFAULT_TEXT_WEIGHT = 0.7
 
-INDEX_KINDS = ("auto", "exact", "faiss-flat", "faiss-hnsw")
+INDEX_KINDS = ("auto", "exact", "faiss-flat", "faiss-hnsw", "faiss-ivf")
 AUTO_HNSW_MIN_KEYS = 50_000  # below this, exact search is ~1 ms or less per query on one core
 
 
@@ -312,6 +313,34 @@ class FaissHNSWIndex(_FaissIndex):
         return index
 
 
+class FaissIVFIndex(_FaissIndex):
+    """FAISS inverted file over flat vectors (approximate): k-means into ``nlist`` cells, ``nprobe`` of them
+    searched per query (``nlist`` default: about sqrt(N); ``nprobe`` default: a quarter of the cells)."""
+
+    kind = "faiss-ivf"
+
+    def __init__(
+        self, keys: np.ndarray, model_id: str | None = None, *, nlist: int = 0, nprobe: int = 0, seed: int = 0
+    ):
+        n = len(keys)
+        self.nlist = nlist or max(1, round(n**0.5))
+        if not 1 <= self.nlist <= n:
+            raise ValueError(f"nlist must be in [1, {n}] (the number of keys), got {nlist}")
+        self.nprobe = min(nprobe or max(1, self.nlist // 4), self.nlist)
+        self.seed = seed
+        super().__init__(keys, model_id)
+
+    def _build(self, keys: np.ndarray):
+        quantizer = self._faiss.IndexFlatIP(keys.shape[1])
+        index = self._faiss.IndexIVFFlat(quantizer, keys.shape[1], self.nlist, self._faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = self.seed  # k-means initialisation: the same cells every build
+        index.cp.min_points_per_centroid = 1  # small pools: no warning, no subsampling
+        index.train(keys)
+        index.add(keys)
+        index.nprobe = self.nprobe
+        return index
+
+
 def _pad(sims: np.ndarray, idx: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     if idx.shape[1] >= k:
         return sims[:, :k], idx[:, :k]
@@ -336,4 +365,6 @@ def build_index(keys: np.ndarray, kind: str = "auto", model_id: str | None = Non
         return ExactIndex(keys, model_id)
     if kind == "faiss-flat":
         return FaissFlatIndex(keys, model_id)
+    if kind == "faiss-ivf":
+        return FaissIVFIndex(keys, model_id, **options)
     return FaissHNSWIndex(keys, model_id, **options)

@@ -1,4 +1,4 @@
-"""M-BEIR-format data: ``python -m lora_retriever.mbeir validate|build``.
+"""M-BEIR-format data: ``python -m lora_retriever.mbeir validate|build|train|embed|index|retrieve|report``.
 
     python -m lora_retriever.mbeir validate DATA_ROOT                 # UniIR's layout (query/, cand_pool/, ...)
     python -m lora_retriever.mbeir validate --queries Q.jsonl --pools POOL.jsonl \\
@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from lora_retriever.cli.args import add_config_arguments, config_from_args
 from lora_retriever.cli.errors import add_common_flags, run_cli
 from lora_retriever.mbeir.build import MiniMBeirConfig, build_mini_mbeir
+from lora_retriever.mbeir.commands import COMMANDS, add_commands
 from lora_retriever.mbeir.tasks import SPLITS
 from lora_retriever.mbeir.validate import validate_dataset, validate_files
 
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     build = commands.add_parser("build", help="write an offline mini M-BEIR from the project's task suites")
     add_config_arguments(build, MiniMBeirConfig)
     add_common_flags(build)
+    add_commands(commands)  # train, embed, index, retrieve, report (lora_retriever.mbeir.commands)
     return parser
 
 
@@ -89,9 +91,8 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_cli(
-        build_parser(), lambda args: _validate(args) if args.command == "validate" else _build(args), argv
-    )
+    run = {"validate": _validate, "build": _build} | {name: run for name, (_, run) in COMMANDS.items()}
+    return run_cli(build_parser(), lambda args: run[args.command](args), argv)
 
 
 if __name__ == "__main__":
