@@ -332,7 +332,9 @@ class FaissIVFIndex(_FaissIndex):
 
     def _build(self, keys: np.ndarray):
         quantizer = self._faiss.IndexFlatIP(keys.shape[1])
-        index = self._faiss.IndexIVFFlat(quantizer, keys.shape[1], self.nlist, self._faiss.METRIC_INNER_PRODUCT)
+        index = self._faiss.IndexIVFFlat(
+            quantizer, keys.shape[1], self.nlist, self._faiss.METRIC_INNER_PRODUCT
+        )
         index.cp.seed = self.seed  # k-means initialisation: the same cells every build
         index.cp.min_points_per_centroid = 1  # small pools: no warning, no subsampling
         index.train(keys)
