@@ -434,3 +434,25 @@ def test_commands_end_to_end(trained, data_root, tmp_path, capsys):
     ]
     assert main(argv) == 2
     assert "embedded by different embedders" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------- embedder
+
+
+def test_checkpoint_behind_the_embedder_protocol(trained, images):
+    from lora_retriever.embedders import get_embedder
+    from lora_retriever.mbeir.embed import encoder_meta
+
+    embedder = get_embedder("universal", model_path=str(trained))
+    model = load_retriever(trained)
+    with torch.no_grad():
+        joint = model.embed_items(TEXTS, images).numpy()
+        text_only = model.embed_items(TEXTS, [None] * 3).numpy()
+    np.testing.assert_allclose(embedder.encode(TEXTS, images), joint, atol=1e-6)  # FF: one joint pass
+    np.testing.assert_allclose(embedder.encode_queries(TEXTS), text_only, atol=1e-6)
+    assert embedder.encode_images(images).shape == (3, 384)
+    assert embedder.model_id == encoder_meta(trained, "document").model_id
+    with pytest.raises(ValueError, match="one image per item"):
+        embedder.encode(TEXTS[:1], [images[:2]])
+    with pytest.raises(FileNotFoundError, match="not a retriever checkpoint"):
+        get_embedder("universal", model_path=str(trained.parent))

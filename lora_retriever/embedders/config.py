@@ -28,14 +28,14 @@ __all__ = [
     "validate_vision_dir",
 ]
 
-BACKENDS = ("sentence-transformers", "jina-v4", "clip", "vision-tower", "auto")
+BACKENDS = ("sentence-transformers", "jina-v4", "clip", "vision-tower", "universal", "auto")
 DTYPES = ("float32", "float16", "bfloat16")
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 #: ``config.json`` model types the ``vision-tower`` backend loads: a LLaVA VLM (its vision tower) or a plain
 #: CLIP / SigLIP vision model.
 VISION_MODEL_TYPES = ("llava", "clip_vision_model", "siglip_vision_model")
 #: backends that can be a retriever's image embedder.
-IMAGE_BACKENDS = ("vision-tower", "clip")
+IMAGE_BACKENDS = ("vision-tower", "clip", "universal")
 _VISION_FIX = (
     "pass model_path (--image_embedder_path) a local LLaVA directory (LlavaForConditionalGeneration + its "
     "processor) or a CLIPVisionModel / SiglipVisionModel directory with its image processor"

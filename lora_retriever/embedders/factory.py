@@ -74,7 +74,8 @@ def get_embedder(
 
     Args:
         config: an ``EmbedderConfig``, a dict of its fields, or a backend name
-            (``"sentence-transformers"``, ``"jina-v4"``, ``"clip"``, ``"vision-tower"``, ``"auto"``).
+            (``"sentence-transformers"``, ``"jina-v4"``, ``"clip"``, ``"vision-tower"``, ``"universal"``,
+            ``"auto"``).
         **overrides: ``EmbedderConfig`` fields replacing the config's (validated again).
 
     Returns:
@@ -116,4 +117,8 @@ def get_embedder(
         from lora_retriever.embedders.vision import VisionTowerEmbedder
 
         return VisionTowerEmbedder(config)
+    if config.backend == "universal":  # a CLIP-SF / CLIP-FF checkpoint (python -m lora_retriever.mbeir train)
+        from lora_retriever.mbeir.embedder import UniversalEmbedder
+
+        return UniversalEmbedder(config)
     raise AssertionError(f"unreachable backend {config.backend!r}")  # EmbedderConfig validated it

@@ -33,10 +33,10 @@ import numpy as np
 
 from lora_retriever.embedders.meta import EmbeddingMeta
 from lora_retriever.mbeir.data import MBeirSplit, load_split
+from lora_retriever.mbeir.embedder import retriever_id
 from lora_retriever.mbeir.formats import MBeirCandidate, MBeirQuery
 from lora_retriever.mbeir.models import (
     RetrieverConfig,
-    checkpoint_digest,
     load_retriever,
     read_checkpoint_meta,
     text_width,
@@ -107,7 +107,7 @@ def encoder_meta(checkpoint: str | Path, role: str, instruct: bool = False) -> E
     config = RetrieverConfig.from_dict(read_checkpoint_meta(checkpoint)["config"])
     instruction = None if role == "document" else (INSTRUCTED if instruct else "")
     return EmbeddingMeta(
-        model_id=f"mbeir-{config.fusion}-{checkpoint_digest(checkpoint)}",
+        model_id=retriever_id(checkpoint),
         dim=text_width(config),
         instruction=instruction,
         backend=f"mbeir-{config.fusion}",
