@@ -456,3 +456,33 @@ def test_checkpoint_behind_the_embedder_protocol(trained, images):
         embedder.encode(TEXTS[:1], [images[:2]])
     with pytest.raises(FileNotFoundError, match="not a retriever checkpoint"):
         get_embedder("universal", model_path=str(trained.parent))
+
+
+# ---------------------------------------------------------------------------------------------------------- slow
+
+
+@pytest.mark.slow
+def test_trained_sf_beats_zero_shot_on_the_default_mini_mbeir(tmp_path):
+    """The real training (default settings, minutes on one thread): SF must beat the untrained towers on the
+    global pool and retrieve the right modality more often."""
+    from lora_retriever.mbeir.index import IndexConfig, index_embeddings
+    from lora_retriever.mbeir.retrieve import RetrieveConfig, retrieve_split
+
+    data = tmp_path / "mini"
+    build_mini_mbeir(MiniMBeirConfig(out_dir=str(data), progress=False))
+    means = {}
+    for name, steps in (("zero-shot", 0), ("sf", TrainConfig.steps)):
+        out = tmp_path / name
+        train_retriever(
+            TrainConfig(data_root=str(data), out_dir=str(out), steps=steps, progress=False), RetrieverConfig()
+        )
+        embed_split(
+            EmbedConfig(data_root=str(data), checkpoint=str(out), out_dir=str(out / "emb"), progress=False)
+        )
+        index_embeddings(IndexConfig(embeddings=str(out / "emb" / "test")))
+        result = retrieve_split(
+            RetrieveConfig(data_root=str(data), embeddings=str(out / "emb" / "test"), out=str(out / "r.json"))
+        )
+        means[name] = result["mean"]["global"]
+    assert means["sf"]["recall@5"] > means["zero-shot"]["recall@5"] + 0.2
+    assert means["sf"]["modality_violation@10"] < means["zero-shot"]["modality_violation@10"]

@@ -22,9 +22,20 @@ from lora_retriever.cli.errors import add_common_flags
 __all__ = ["COMMANDS", "add_commands"]
 
 
+def _parser(
+    commands: argparse._SubParsersAction, name: str, help: str, *configs: type, threads: int | None = None
+) -> None:
+    """A subcommand's parser: one flag per field of each config (a later config skips ``seed``, which the
+    first one owns), then the common flags."""
+    parser = commands.add_parser(name, help=help)
+    for i, config in enumerate(configs):
+        add_config_arguments(parser, config, exclude=("seed",) if i else ())
+    add_common_flags(parser, threads=threads)
+
+
 def _train(args: argparse.Namespace) -> int:
-    from lora_retriever.mbeir.models import RetrieverConfig
-    from lora_retriever.mbeir.train import TrainConfig, train_retriever
+    from lora_retriever.mbeir.config import RetrieverConfig, TrainConfig
+    from lora_retriever.mbeir.train import train_retriever
 
     config = config_from_args(TrainConfig, args, progress=not args.quiet)
     record = train_retriever(config, config_from_args(RetrieverConfig, args))
@@ -35,13 +46,10 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _add_train(commands: argparse._SubParsersAction) -> None:
-    from lora_retriever.mbeir.models import RetrieverConfig
-    from lora_retriever.mbeir.train import TrainConfig
+    from lora_retriever.mbeir.config import RetrieverConfig, TrainConfig
 
-    parser = commands.add_parser("train", help="train a universal retriever (CLIP-SF / CLIP-FF) with InfoNCE")
-    add_config_arguments(parser, TrainConfig)
-    add_config_arguments(parser, RetrieverConfig, exclude=("seed",))
-    add_common_flags(parser, threads=1)
+    help = "train a universal retriever (CLIP-SF / CLIP-FF) with InfoNCE"
+    _parser(commands, "train", help, TrainConfig, RetrieverConfig, threads=1)
 
 
 def _embed(args: argparse.Namespace) -> int:
@@ -55,9 +63,9 @@ def _embed(args: argparse.Namespace) -> int:
 def _add_embed(commands: argparse._SubParsersAction) -> None:
     from lora_retriever.mbeir.embed import EmbedConfig
 
-    parser = commands.add_parser("embed", help="embed a split's queries and pools (batched, resumable)")
-    add_config_arguments(parser, EmbedConfig)
-    add_common_flags(parser, threads=1)
+    _parser(
+        commands, "embed", "embed a split's queries and pools (batched, resumable)", EmbedConfig, threads=1
+    )
 
 
 def _index(args: argparse.Namespace) -> int:
@@ -71,11 +79,7 @@ def _index(args: argparse.Namespace) -> int:
 def _add_index(commands: argparse._SubParsersAction) -> None:
     from lora_retriever.mbeir.index import IndexConfig
 
-    parser = commands.add_parser(
-        "index", help="FAISS flat / IVF / HNSW indexes over embedded pools (sharded)"
-    )
-    add_config_arguments(parser, IndexConfig)
-    add_common_flags(parser)
+    _parser(commands, "index", "FAISS flat / IVF / HNSW indexes over embedded pools (sharded)", IndexConfig)
 
 
 def _retrieve(args: argparse.Namespace) -> int:
@@ -89,11 +93,8 @@ def _retrieve(args: argparse.Namespace) -> int:
 def _add_retrieve(commands: argparse._SubParsersAction) -> None:
     from lora_retriever.mbeir.retrieve import RetrieveConfig
 
-    parser = commands.add_parser(
-        "retrieve", help="retrieve from local and global pools; Recall@k, modality violation"
-    )
-    add_config_arguments(parser, RetrieveConfig)
-    add_common_flags(parser)
+    help = "retrieve from local and global pools; Recall@k, modality violation"
+    _parser(commands, "retrieve", help, RetrieveConfig)
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -107,9 +108,7 @@ def _report(args: argparse.Namespace) -> int:
 def _add_report(commands: argparse._SubParsersAction) -> None:
     from lora_retriever.mbeir.report import ReportConfig
 
-    parser = commands.add_parser("report", help="UniIR-layout table (md), JSON and plot of several runs")
-    add_config_arguments(parser, ReportConfig)
-    add_common_flags(parser)
+    _parser(commands, "report", "UniIR-layout table (md), JSON and plot of several runs", ReportConfig)
 
 
 COMMANDS: dict[

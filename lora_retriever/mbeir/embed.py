@@ -33,14 +33,7 @@ import numpy as np
 
 from lora_retriever.embedders.meta import EmbeddingMeta
 from lora_retriever.mbeir.data import MBeirSplit, load_split
-from lora_retriever.mbeir.embedder import retriever_id
 from lora_retriever.mbeir.formats import MBeirCandidate, MBeirQuery
-from lora_retriever.mbeir.models import (
-    RetrieverConfig,
-    load_retriever,
-    read_checkpoint_meta,
-    text_width,
-)
 from swift.utils import get_logger
 from swift.utils.files import atomic_write
 
@@ -104,6 +97,9 @@ class Embeddings:
 def encoder_meta(checkpoint: str | Path, role: str, instruct: bool = False) -> EmbeddingMeta:
     """The identity of a checkpoint's vectors: queries carry their instruction mode, candidates none (their
     text never has a prompt, so one candidate index serves both modes)."""
+    from lora_retriever.mbeir.embedder import retriever_id
+    from lora_retriever.mbeir.models import RetrieverConfig, read_checkpoint_meta, text_width
+
     config = RetrieverConfig.from_dict(read_checkpoint_meta(checkpoint)["config"])
     instruction = None if role == "document" else (INSTRUCTED if instruct else "")
     return EmbeddingMeta(
@@ -224,6 +220,8 @@ def embed_split(config: EmbedConfig) -> dict[str, Any]:
     """
     import torch
     from tqdm.auto import tqdm
+
+    from lora_retriever.mbeir.models import load_retriever, read_checkpoint_meta
 
     data = load_split(config.data_root, config.split)
     trained = read_checkpoint_meta(config.checkpoint).get("training", {})

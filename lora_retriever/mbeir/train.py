@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +27,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lora_retriever.mbeir.config import RetrieverConfig, TrainConfig
 from lora_retriever.mbeir.data import MBeirSplit, load_split
-from lora_retriever.mbeir.models import RetrieverConfig, UniversalRetriever, image_pixels, save_retriever
+from lora_retriever.mbeir.models import UniversalRetriever, image_pixels, save_retriever
 from lora_retriever.training.trainer import linear_schedule
 from swift.utils import get_logger
 
@@ -37,44 +38,6 @@ logger = get_logger(__name__)
 __all__ = ["TrainConfig", "train_retriever"]
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's clamp of the inverse temperature
-
-
-@dataclass
-class TrainConfig:
-    """How :func:`train_retriever` trains (each field is a flag of ``python -m lora_retriever.mbeir train``)."""
-
-    data_root: str = field(metadata={"help": "M-BEIR folder (UniIR's layout; 'build --out_dir' writes one)"})
-    out_dir: str = field(metadata={"help": "checkpoint folder (refused when not empty, unless --overwrite)"})
-    split: str = field(default="train", metadata={"help": "split to train on"})
-    instruct: bool = field(
-        default=True, metadata={"help": "prefix query texts with task prompts (UniIR Instruct)"}
-    )
-    steps: int = field(default=200, metadata={"help": "optimizer steps (0: save the untrained retriever)"})
-    batch_size: int = field(default=32, metadata={"help": "queries per step (in-batch negatives)"})
-    learning_rate: float = field(
-        default=1e-3, metadata={"help": "lr of the new weights (image tower, fusion)"}
-    )
-    text_learning_rate: float = field(default=3e-4, metadata={"help": "lr of the text tower's LoRA"})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
-    warmup_ratio: float = field(default=0.1, metadata={"help": "share of steps with a linear warmup"})
-    seed: int = field(default=0, metadata={"help": "seed of the initial weights and of the batches"})
-    overwrite: bool = field(default=False, metadata={"help": "replace a non-empty out_dir"})
-    progress: bool = field(default=True, metadata={"help": "progress bar", "cli": False})
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "batch_size"):
-            value = getattr(self, name)
-            low = 0 if name == "steps" else 2
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-        for name in ("learning_rate", "text_learning_rate"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
-        out_dir = Path(self.out_dir).expanduser()
-        if out_dir.exists() and any(out_dir.iterdir()) and not self.overwrite:
-            raise FileExistsError(f"out_dir {str(out_dir)!r} is not empty; pass --overwrite to replace it")
 
 
 @dataclass
