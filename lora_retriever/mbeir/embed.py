@@ -237,7 +237,7 @@ def embed_split(config: EmbedConfig) -> dict[str, Any]:
                 skipped += 1
             else:
                 todo.append((job, index, start, end))
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     model = load_retriever(config.checkpoint) if todo else None
     images: dict[str, Any] = {}
     bar = tqdm(
@@ -283,6 +283,7 @@ def embed_split(config: EmbedConfig) -> dict[str, Any]:
         "skipped_shards": skipped,
         "items_embedded": sum(e - s for _, _, s, e in todo),
         "seconds": round(seconds, 1),
+        "cpu_seconds": round(time.process_time() - cpu_started, 1),
         "threads": torch.get_num_threads(),
     }
     run = {

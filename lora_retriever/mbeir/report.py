@@ -109,20 +109,25 @@ def tables_markdown(results: dict[str, dict[str, Any]], metric: str) -> str:
             lines.append(f"| {n} {m} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "| run | checkpoint steps | instruct | train s | embed s | retrieve s | encoder |",
+        "| run | checkpoint steps | instruct | train s (CPU s) | embed s (CPU s) | retrieve s | encoder |",
         "|---|---:|---|---:|---:|---:|---|",
     ]
     for n in names:
         run = results[n].get("run", {})
-        training = run.get("training", {})
+        training, embedding = run.get("training", {}), run.get("embed", {})
         lines.append(
-            f"| {n} | {training.get('steps', '?')} | {run.get('instruct', '?')} | {training.get('seconds', '?')} | "
-            f"{run.get('embed', {}).get('seconds', '?')} | {results[n]['retrieve_seconds']} | "
-            f"`{results[n]['encoder']['model_id']}` |"
+            f"| {n} | {training.get('steps', '?')} | {run.get('instruct', '?')} | {_times(training)} | "
+            f"{_times(embedding)} | {results[n]['retrieve_seconds']} | `{results[n]['encoder']['model_id']}` |"
         )
     cpus = sorted({r.get("run", {}).get("training", {}).get("cpu", "?") for r in results.values()})
     lines += ["", "Measured on: " + "; ".join(cpus)]
     return "\n".join(lines)
+
+
+def _times(record: dict[str, Any]) -> str:
+    """``"wall (cpu)"`` seconds of a run record; wall time alone when the CPU time was not recorded."""
+    wall, cpu = record.get("seconds", "?"), record.get("cpu_seconds")
+    return f"{wall} ({cpu})" if cpu is not None else f"{wall}"
 
 
 def _plot(results: dict[str, dict[str, Any]], metric: str, path: Path) -> None:

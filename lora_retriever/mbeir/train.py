@@ -111,7 +111,7 @@ def train_retriever(config: TrainConfig, retriever: RetrieverConfig) -> dict[str
 
     data = load_split(config.data_root, config.split)
     retriever.seed = config.seed
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     model = UniversalRetriever(retriever)
     train = _TrainData(data, retriever.image_size)
     if len(train.queries) < config.batch_size:
@@ -156,6 +156,9 @@ def train_retriever(config: TrainConfig, retriever: RetrieverConfig) -> dict[str
         "loss_last10": float(np.mean(losses[-10:])) if losses else None,
         "logit_scale": float(model.logit_scale.detach().exp()),
         "seconds": round(seconds, 1),
+        "cpu_seconds": round(
+            time.process_time() - cpu_started, 1
+        ),  # this process's CPU time: robust to sharing
         "threads": torch.get_num_threads(),
         "cpu": cpu_summary(),
     }
