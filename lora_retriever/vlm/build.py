@@ -10,7 +10,7 @@ when complete, so an interrupted build leaves no folder that looks finished; two
 recipe both succeed and the first rename wins.
 
 Stages (times in ``build.json``): compose (``compose.compose_llava``), vision pre-training
-(``pretrain.pretrain_vision``), alignment through the frozen LM (``train.train_vision``), held-out
+(``pretrain.pretrain_vision``), alignment through the frozen LM (``train.align_vision``), held-out
 evaluation (``train.heldout_accuracy``), save.
 """
 
@@ -139,7 +139,7 @@ def _build_into(folder: Path, recipe: VlmRecipe, recipe_hash: str, *, progress: 
     from lora_retriever.vlm.compose import compose_llava
     from lora_retriever.vlm.data import caption_data
     from lora_retriever.vlm.pretrain import pretrain_vision
-    from lora_retriever.vlm.train import encode_examples, heldout_accuracy, train_vision
+    from lora_retriever.vlm.train import align_vision, encode_examples, heldout_accuracy
     from swift.llm import get_template
     from swift.llm.model import SMOLLM2_HUB_ID, smollm2_hf_dir
 
@@ -162,7 +162,7 @@ def _build_into(folder: Path, recipe: VlmRecipe, recipe_hash: str, *, progress: 
     examples = encode_examples(
         template, train_data.examples[: recipe.steps * recipe.batch_size], progress=progress
     )
-    losses = train_vision(
+    losses = align_vision(
         model, examples, recipe, pad_token_id=processor.tokenizer.pad_token_id, progress=progress
     )
     lap("align")

@@ -6,7 +6,7 @@ far too slow for a vision transformer, which needs tens of thousands of examples
 to see with a cheap stand-in for the LM (a few ms per example): a small question-conditioned classifier that
 reads the tower's patch features and picks the answer among the training answers. The question enters as
 the mean of its SmolLM2 input embeddings (frozen). The classifier is thrown away afterwards; stage 2
-(``train.train_vision``) then trains tower and projector through the frozen LM, as LLaVA does.
+(``train.align_vision``) then trains the projector through the frozen LM, as LLaVA does.
 
 Two choices make the small ViT learn from a few thousand images (measured in docs/decisions.md):
 
