@@ -527,6 +527,47 @@ def test_encoding_masks_the_prompt_and_collate_pads(llama_dir):
     assert none == [] and skipped == 1  # a prompt filling max_length leaves nothing to learn
 
 
+@pytest.mark.parametrize("kind", ["llama", "llava"])
+def test_answer_loss_keeps_only_answer_logits_and_equals_the_full_loss(kind, llama_dir, tmp_path):
+    """The LM head runs on the answer positions only; the loss equals cross-entropy over full logits."""
+    import torch.nn.functional as F
+    from peft import LoraConfig, get_peft_model
+    from PIL import Image
+
+    from lora_retriever.training.trainer import _answer_token_loss, _takes_logits_to_keep
+    from swift.llm import get_model_tokenizer, get_template
+    from tests.tiny_vlms import save_tiny_llava
+
+    model_dir = llama_dir if kind == "llama" else save_tiny_llava(tmp_path / "llava")
+    model, processor = get_model_tokenizer(kind, model_dir)
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    template = get_template(kind, processor)
+    queries = ["what is the capital of france ?", "describe this image"]
+    images = [None, [Image.new("RGB", (16, 16), "red")]] if kind == "llava" else None
+    if kind == "llava":
+        queries[1] = "<image> " + queries[1]
+    batch = template.encode_batch(queries, images)
+    labels = batch["input_ids"].clone()
+    labels[:, : labels.shape[1] - 3] = IGNORE_INDEX  # the last 3 tokens are "answers"
+    labels[0, -1] = IGNORE_INDEX  # rows with different answer positions
+    assert _takes_logits_to_keep(model)
+    calls = []
+    head = model.get_output_embeddings()
+    hook = head.register_forward_hook(lambda module, args, out: calls.append(args[0].shape))
+    total, count = _answer_token_loss(model, {**batch, "labels": labels})
+    hook.remove()
+    assert count == 5 and calls == [torch.Size([5, head.in_features])]  # answer-predicting positions only
+    with torch.no_grad():
+        full = model(**batch).logits
+    reference = F.cross_entropy(
+        full[:, :-1].reshape(-1, full.shape[-1]),
+        labels[:, 1:].reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    assert abs(total.item() - reference.item()) <= SAME_SHAPES_ATOL * max(1.0, abs(reference.item()))
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [

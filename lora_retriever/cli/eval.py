@@ -1,9 +1,11 @@
 """The LoraRetriever paper's protocol on a pool (``lora_retriever.eval``): every method, in and out of domain.
 
     lora-retriever-eval --pool data/demo/pool/pool.json --test_data data/demo/tasks/test_mixed.jsonl
+    lora-retriever-eval --suite multimodal     # the app + category pools make demo-vlm builds, on its VLM
 
 Writes table.md, results.json and results.png to --output_dir (together, when the run is complete); the
-defaults are the pool and test sets ``make demo`` builds.
+defaults are the pool and test sets ``make demo`` builds (``--suite multimodal``: ``make demo-vlm``'s pools,
+test sets and VLM, with its vision tower as the image embedder; flags given explicitly win).
 """
 
 from __future__ import annotations
@@ -33,6 +35,14 @@ def _methods() -> list[str]:
 class PaperEvalConfig:
     """Settings of ``lora_retriever.eval.run``; each field's ``help`` is its flag's help."""
 
+    suite: str = field(
+        default="text",
+        metadata={
+            "help": "whose defaults to use: text (make demo's pool) or multimodal (make demo-vlm's app and "
+            "category pools, test sets and VLM)",
+            "choices": ("text", "multimodal"),
+        },
+    )
     pool: str = field(
         default="data/demo/pool/pool.json", metadata={"help": "pool config (make demo builds it)"}
     )
@@ -108,6 +118,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from lora_retriever.eval import markdown_table, plot, run
     from swift.utils.files import atomic_write_together, ensure_writable_dir
 
+    if args.suite == "multimodal":
+        _multimodal_defaults(args)
     image = config_from_args(ImageRetrievalConfig, args)  # the image embedder's directory is checked here
     config = config_from_args(PaperEvalConfig, args, image=image)
     # Validate before working: the output folder, and matplotlib for the plot written at the very end.
@@ -126,6 +138,39 @@ def _evaluate(args: argparse.Namespace) -> int:
     print(table)
     print(f"written: {out / 'table.md'}, {out / 'results.json'}, {out / 'results.png'}")
     return 0
+
+
+def _multimodal_defaults(args: argparse.Namespace) -> None:
+    """Fill the flags left at their text defaults with ``make demo-vlm``'s pools, test sets and built VLM."""
+    from pathlib import Path
+
+    from lora_retriever.demo_vlm import DemoVlmConfig
+    from lora_retriever.vlm import read_build_info, vlm_dir
+
+    defaults = {f.name: f.default for f in PaperEvalConfig.__dataclass_fields__.values()}
+    work = Path(DemoVlmConfig.__dataclass_fields__["work_dir"].default)
+    if not (args.app_configs or args.category_configs):
+        args.app_configs = [str(work / "pool" / "app.json")]
+        args.category_configs = [str(work / "pool" / "category.json")]
+        for path in args.app_configs + args.category_configs:
+            if not Path(path).is_file():
+                raise FileNotFoundError(
+                    f"--suite multimodal: {path} does not exist; `make demo-vlm` builds it."
+                )
+    if args.test_data == defaults["test_data"]:
+        args.test_data = str(work / "tasks" / "test_mixed.jsonl")
+    if args.test_alt == defaults["test_alt"]:
+        args.test_alt = str(work / "tasks" / "test_mixed_alt.jsonl")
+    if args.model_type == defaults["model_type"]:
+        args.model_type = "llava"
+    if args.model_path is None:
+        folder = vlm_dir()
+        read_build_info(folder)  # a finished build, or an error naming the command that builds it
+        args.model_path = str(folder)
+    if args.image_embedder is None and args.image_embedder_path is None:
+        args.image_embedder, args.image_embedder_path = "vision-tower", args.model_path
+    if args.output_dir == defaults["output_dir"]:
+        args.output_dir = "outputs/multimodal_protocol"
 
 
 if __name__ == "__main__":
