@@ -36,6 +36,7 @@ from lora_retriever.tasks.multimodal import (
 from lora_retriever.tasks.multimodal.domains import BRIGHTNESS_MARGIN, BRIGHTNESS_THRESHOLD, luminance
 from lora_retriever.tasks.multimodal.partition import rng_for
 from lora_retriever.tasks.multimodal.screens import COLOURS, SHOP_COLUMNS
+from lora_retriever.tasks.multimodal.tasks import DIGIT_NAMES
 from lora_retriever.training.data import read_training_records
 
 TINY = {"n_train": 6, "n_keys": 4, "n_test": 4}
@@ -178,7 +179,7 @@ def test_splits_are_disjoint_by_image_and_follow_the_partition(splits, name):
 def test_few_class_tasks_are_balanced(splits):
     assert Counter(r.response for r in splits["digit_parity"].test) == {"even": 10, "odd": 10}
     assert Counter(r.response for r in splits["map_tap"].test) == {f"TAP({q})": 5 for q in range(1, 5)}
-    assert Counter(r.response for r in splits["digit_value"].test) == {str(d): 2 for d in range(10)}
+    assert Counter(r.response for r in splits["digit_value"].test) == {name: 2 for name in DIGIT_NAMES}
     assert len({r.response for r in splits["counter_value"].test}) == 20  # many classes: all different
 
 
@@ -231,7 +232,9 @@ def test_answers_agree_with_what_the_image_shows(splits):
     target = load_digits().target
     for record in splits["digit_value"].test + splits["digit_parity"].test:
         digit = int(target[record.item.style["index"]])
-        expected = str(digit) if record.task == "digit_value" else ("even" if digit % 2 == 0 else "odd")
+        expected = (
+            DIGIT_NAMES[digit] if record.task == "digit_value" else ("even" if digit % 2 == 0 else "odd")
+        )
         assert record.response == expected
     for record in splits["shop_tap"].test:
         assert record.response == _shop_answer(record)

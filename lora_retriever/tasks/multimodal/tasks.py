@@ -114,16 +114,21 @@ def _parity(number: int) -> str:
     return "even" if number % 2 == 0 else "odd"
 
 
+#: digit_value answers with the digit's English name: the app's own answer format. (With numerals the base VLM
+#: already answered it — its build trains "What digit is this?" -> "7" — and no adapter could beat it.)
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
 class DigitValueTask(ImageTask):
     name = "digit_value"
-    description = "Read a handwritten digit and answer with it (0-9)."
+    description = "Read a handwritten digit and answer with its English name (zero-nine)."
     category = "reading"
     domain = "digits"
     train_templates, alt_templates = _NUMBER_WORDINGS, _NUMBER_ALT
-    answers = tuple(str(d) for d in range(10))
+    answers = DIGIT_NAMES
 
     def answer(self, item: ImageItem) -> str:
-        return str(item.labels["digit"])
+        return DIGIT_NAMES[item.labels["digit"]]
 
 
 class CounterValueTask(ImageTask):
