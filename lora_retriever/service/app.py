@@ -8,8 +8,12 @@
 ``POST /v1/completions``      plain completion of a prompt (a list of prompts gives one choice each)
 ``GET /v1/models``            the base model, ``auto``, and every pool adapter
 ``GET/POST /adapters``        list / register (a server-side PEFT directory; key built now), hot
+``POST /adapters/archive``    upload a .tar/.tar.gz/.zip of a PEFT directory (size-limited, links refused)
 ``DELETE /adapters/{name}``   unload and unregister, hot
 ``POST /retrieve``            the top-k adapters for some texts
+``POST /merge``               fuse adapters (a fusion method) into a new registered adapter
+``POST /train``, ``/evaluate`` queue a job (worker process); ``GET /jobs``, ``GET /jobs/{id}``,
+                              ``POST /jobs/{id}/cancel``, ``POST /jobs/{id}/resume``
 ``GET /health``, ``/metrics`` liveness and Prometheus text
 =========================== ============================================================================
 
@@ -24,22 +28,28 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lora_retriever.retriever import RetrievedAdapter
-from lora_retriever.service.engine import AUTO_MODEL, MIXTURE_MODEL, Engine, ServiceError
+from lora_retriever.service import admin
+from lora_retriever.service.engine import AUTO_MODEL, MIXTURE_MODEL, Engine
+from lora_retriever.service.errors import ServiceError
+from lora_retriever.service.jobs import JobRunner, evaluation_params, resume_params, training_params
 from lora_retriever.service.scheduler import Completion, GenerationRequest, RequestHandle, TextDelta
 from lora_retriever.service.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
+    EvaluateRequest,
+    MergeRequest,
     RegisterAdapterRequest,
     RetrieveRequest,
+    TrainRequest,
 )
 from swift.utils import get_logger
 
@@ -66,8 +76,8 @@ def _adapters_json(adapters: list[RetrievedAdapter]) -> list[dict[str, Any]]:
     ]
 
 
-def create_app(engine: Engine) -> FastAPI:
-    """The FastAPI app over ``engine`` (the caller starts and stops the engine)."""
+def create_app(engine: Engine, jobs: JobRunner | None = None) -> FastAPI:
+    """The FastAPI app over ``engine`` and, if given, a ``JobRunner`` (the caller starts and stops both)."""
     app = FastAPI(title="LoraRetriever service", version="0.1.0")
     app.state.engine = engine
     metrics = engine.metrics
@@ -75,11 +85,12 @@ def create_app(engine: Engine) -> FastAPI:
     @app.middleware("http")
     async def count_and_limit(request: Request, call_next):
         length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
+        limit = (
+            engine.config.max_upload_mb * 2**20 if request.url.path == "/adapters/archive" else MAX_BODY_BYTES
+        )
+        if length is not None and length.isdigit() and int(length) > limit:
             response = JSONResponse(
-                error_body(
-                    f"request body of {length} bytes exceeds the limit of {MAX_BODY_BYTES}", param="body"
-                ),
+                error_body(f"request body of {length} bytes exceeds the limit of {int(limit)}", param="body"),
                 status_code=413,
             )
         else:
@@ -170,9 +181,10 @@ def create_app(engine: Engine) -> FastAPI:
         user_texts = [m["content"] for m in messages if m["role"] == "user"]
         if not user_texts:
             raise ServiceError("messages holds no user message", param="messages")
-        ids = await run_in_threadpool(engine.encode_chat, messages)
-        request = await prepare(body, user_texts[-1], ids)
-        handle = submit(request)
+        with engine.scheduler.preparing():  # a batch forming now waits for this request (max_prepare_wait_ms)
+            ids = await run_in_threadpool(engine.encode_chat, messages)
+            request = await prepare(body, user_texts[-1], ids)
+            handle = submit(request)
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         head = {"id": rid, "created": created, "model": body.model}
         if body.stream:
@@ -226,10 +238,11 @@ def create_app(engine: Engine) -> FastAPI:
         if body.stream and len(prompts) > 1:
             raise ServiceError("stream takes one prompt; send one request per prompt", param="prompt")
         requests = []
-        for prompt in prompts:
-            ids = await run_in_threadpool(engine.encode_prompt, prompt)
-            requests.append(await prepare(body, prompt, ids))
-        handles = [submit(r) for r in requests]
+        with engine.scheduler.preparing():
+            for prompt in prompts:
+                ids = await run_in_threadpool(engine.encode_prompt, prompt)
+                requests.append(await prepare(body, prompt, ids))
+            handles = [submit(r) for r in requests]
         rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         head = {"id": rid, "created": created, "model": body.model}
         if body.stream:
@@ -319,7 +332,8 @@ def create_app(engine: Engine) -> FastAPI:
     @app.post("/adapters", status_code=201)
     async def register_adapter(body: RegisterAdapterRequest):
         stored = await run_in_threadpool(
-            lambda: engine.register_adapter(
+            lambda: admin.register_adapter(
+                engine,
                 body.name,
                 body.path,
                 samples=body.samples,
@@ -330,10 +344,87 @@ def create_app(engine: Engine) -> FastAPI:
         )
         return {"adapter": stored}
 
+    @app.post("/adapters/archive", status_code=201)
+    async def upload_adapter(
+        request: Request, name: str, samples: Annotated[list[str], Query()], description: str = ""
+    ):
+        """Body: a .tar / .tar.gz / .zip of one PEFT adapter directory (size-limited; links and paths that leave
+        the folder are refused); ``samples`` (repeatable query parameter) are the texts its key embeds."""
+        limit = int(engine.config.max_upload_mb * 2**20)
+        data = bytearray()
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > limit:
+                raise ServiceError(
+                    f"the archive exceeds the upload limit of {limit} bytes", status=413, param="body"
+                )
+        stored = await run_in_threadpool(
+            lambda: admin.register_archive(
+                engine, name, bytes(data), samples=samples, description=description
+            )
+        )
+        return {"adapter": stored}
+
     @app.delete("/adapters/{name}")
     async def delete_adapter(name: str):
-        await run_in_threadpool(engine.delete_adapter, name)
+        await run_in_threadpool(admin.delete_adapter, engine, name)
         return {"deleted": name}
+
+    @app.post("/merge", status_code=201)
+    async def merge(body: MergeRequest):
+        stored = await run_in_threadpool(
+            lambda: admin.merge_adapters(
+                engine,
+                body.name,
+                body.adapter_pairs(),
+                method=body.method,
+                options=body.options(),
+                description=body.description,
+            )
+        )
+        return {"adapter": stored}
+
+    # -- jobs ---------------------------------------------------------------------------------------------------
+
+    def runner() -> JobRunner:
+        if jobs is None:
+            raise ServiceError("this server runs no jobs (started without a job runner)", status=404)
+        return jobs
+
+    @app.post("/train", status_code=202)
+    async def train(body: TrainRequest):
+        params = await run_in_threadpool(training_params, engine, body)
+        return runner().submit("train", params)
+
+    @app.post("/evaluate", status_code=202)
+    async def evaluate(body: EvaluateRequest):
+        params = await run_in_threadpool(evaluation_params, engine, body)
+        return runner().submit("evaluate", params)
+
+    @app.get("/jobs")
+    async def list_jobs():
+        return {"jobs": runner().store.list()}
+
+    @app.get("/jobs/{job_id}")
+    async def get_job(job_id: str):
+        job = runner().view(job_id)
+        if job is None:
+            raise ServiceError(f"no job {job_id!r}", status=404, param="job_id")
+        return job
+
+    @app.post("/jobs/{job_id}/cancel")
+    async def cancel_job(job_id: str):
+        try:
+            return await run_in_threadpool(runner().cancel, job_id)
+        except KeyError:
+            raise ServiceError(f"no job {job_id!r}", status=404, param="job_id") from None
+
+    @app.post("/jobs/{job_id}/resume", status_code=202)
+    async def resume_job(job_id: str):
+        job = runner().store.get(job_id)
+        if job is None:
+            raise ServiceError(f"no job {job_id!r}", status=404, param="job_id")
+        return runner().submit("train", resume_params(job))
 
     @app.post("/retrieve")
     async def retrieve(body: RetrieveRequest):

@@ -88,6 +88,29 @@ class AdapterCache:
     def is_resident(self, name: str) -> bool:
         return name in self._lru
 
+    def stats(self) -> dict[str, float | int]:
+        """Residency, budget, hit rate and load latency (milliseconds) since start."""
+        hits, misses = self.metrics.cache_hits.value(), self.metrics.cache_misses.value()
+        loads = sorted(self.load_seconds)
+
+        def quantile(q: float) -> float | None:
+            return round(loads[min(len(loads) - 1, int(q * len(loads)))] * 1000, 3) if loads else None
+
+        return {
+            "resident": len(self._lru),
+            "resident_mb": round(self.resident_bytes / 2**20, 3),
+            "max_resident": self.max_resident,
+            "max_mb": round(self.max_bytes / 2**20, 3),
+            "pinned": len(self._pinned),
+            "hits": int(hits),
+            "misses": int(misses),
+            "evictions": int(self.metrics.cache_evictions.value()),
+            "hit_rate": round(hits / (hits + misses), 4) if hits + misses else None,
+            "loads": len(loads),
+            "load_ms_p50": quantile(0.5),
+            "load_ms_p95": quantile(0.95),
+        }
+
     # -- loading ------------------------------------------------------------------------------------------
 
     def prefetch(self, names: Iterable[str]) -> None:
@@ -121,6 +144,7 @@ class AdapterCache:
                     self._lru.move_to_end(name)
                     self.metrics.cache_hits.inc()
                 else:
+                    self._check_room(keep=set(names))
                     self.metrics.cache_misses.inc()
                     self._load(name, keep=set(names))
                 self._in_use[name] = self._in_use.get(name, 0) + 1
@@ -132,6 +156,7 @@ class AdapterCache:
             self._update_gauges()
 
     def release(self, names: Iterable[str]) -> None:
+        """Undo one ``acquire(names)`` (each name counted once, as ``acquire`` counts it)."""
         for name in dict.fromkeys(names):
             count = self._in_use.get(name, 0) - 1
             if count > 0:
@@ -144,6 +169,23 @@ class AdapterCache:
         self.acquire([name])
         self.release([name])
         self._pinned.add(name)
+
+    def resize(self, max_resident: int | None = None, max_bytes: int | None = None) -> None:
+        """Change the budget and evict down to it now (model lock held).
+
+        Raises:
+            ValueError: a budget below 1.
+            AdapterBudgetError: pinned / in-use adapters alone exceed the new budget (it is kept anyway).
+        """
+        for what, value in (("max_resident", max_resident), ("max_bytes", max_bytes)):
+            if value is not None and value < 1:
+                raise ValueError(f"{what} must be >= 1, got {value}")
+        self.max_resident = self.max_resident if max_resident is None else max_resident
+        self.max_bytes = self.max_bytes if max_bytes is None else max_bytes
+        try:
+            self._evict(keep=set())
+        finally:
+            self._update_gauges()
 
     def register_loaded(self, name: str, *, pinned: bool = False) -> None:
         """Account for an adapter the engine loaded itself (registration validates by loading)."""
@@ -197,20 +239,27 @@ class AdapterCache:
             self.model.delete_adapter(name)
             raise
 
+    def _check_room(self, keep: set[str]) -> None:
+        """Before loading one more adapter: refuse if the count budget is full of adapters that can't go."""
+        if len(self._lru) >= self.max_resident and not any(self._evictable(keep)):
+            raise self._budget_error()
+
+    def _evictable(self, keep: set[str]) -> Iterable[str]:
+        return (n for n in self._lru if n not in self._pinned and n not in self._in_use and n not in keep)
+
+    def _budget_error(self) -> AdapterBudgetError:
+        return AdapterBudgetError(
+            f"the adapter cache holds {len(self._lru)} adapters ({self.resident_bytes / 2**20:.1f} MB) with a budget "
+            f"of {self.max_resident} adapters / {self.max_bytes / 2**20:.1f} MB, and none can be evicted (pinned "
+            "or in use); raise --max_resident_adapters / --adapter_memory_mb or use fewer adapters per request"
+        )
+
     def _evict(self, keep: set[str]) -> None:
         """Evict least recently used adapters (not pinned, not in use, not in ``keep``) until within budget."""
         while len(self._lru) > self.max_resident or self.resident_bytes > self.max_bytes:
-            victim = next(
-                (n for n in self._lru if n not in self._pinned and n not in self._in_use and n not in keep),
-                None,
-            )
+            victim = next(iter(self._evictable(keep)), None)
             if victim is None:
-                raise AdapterBudgetError(
-                    f"the adapter cache holds {len(self._lru)} adapters ({self.resident_bytes / 2**20:.1f} MB), "
-                    f"over its budget of {self.max_resident} adapters / {self.max_bytes / 2**20:.1f} MB, and none "
-                    "can be evicted (pinned or in use); raise --max_resident_adapters / --adapter_memory_mb or "
-                    "use fewer adapters per batch"
-                )
+                raise self._budget_error()
             del self._lru[victim]
             self.model.delete_adapter(victim)
             self.metrics.cache_evictions.inc()

@@ -51,13 +51,21 @@ class ServiceConfig:
     data_dir: str = field(
         default="data/service",
         metadata={
-            "help": f"the service's own files: {REGISTRY_NAME} (adapters registered over HTTP) and keys/"
+            "help": f"the service's own files: {REGISTRY_NAME} (adapters registered over HTTP), keys/, "
+            "adapters/ (trained and merged), jobs.sqlite and jobs/"
         },
     )
     max_batch_size: int = field(default=16, metadata={"help": "generation requests decoded together at most"})
     max_wait_ms: float = field(
         default=10.0,
         metadata={"help": "how long the first request of a batch waits for others to join (milliseconds)"},
+    )
+    max_prepare_wait_ms: float = field(
+        default=500.0,
+        metadata={
+            "help": "beyond --max_wait_ms, how long a batch waits for requests already received and still being "
+            "prepared (tokenized, retrieved), so a burst of clients shares one batch (milliseconds)"
+        },
     )
     top_k: int = field(default=3, metadata={"help": 'adapters retrieved per input for model "auto"'})
     weight_mode: str = field(
@@ -86,6 +94,10 @@ class ServiceConfig:
             "action": "append",
         },
     )
+    max_upload_mb: float = field(
+        default=256.0, metadata={"help": "largest adapter archive POST /adapters/archive takes (MB)"}
+    )
+    job_workers: int = field(default=1, metadata={"help": "training / evaluation jobs run at once"})
     embedder: str = field(
         default=_EMBEDDER_FIELDS["backend"].default, metadata=_EMBEDDER_FIELDS["backend"].metadata
     )
@@ -103,16 +115,20 @@ class ServiceConfig:
             "max_tokens_limit",
             "max_adapters_per_request",
             "max_resident_adapters",
+            "job_workers",
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}; pass --{name} N")
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port!r}; pass --port N")
-        if not self.max_wait_ms >= 0:
-            raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms!r}; pass --max_wait_ms MS")
+        for name in ("max_wait_ms", "max_prepare_wait_ms"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}; pass --{name} MS")
         if not self.max_total_weight > 0:
             raise ValueError(f"max_total_weight must be > 0, got {self.max_total_weight!r}")
+        if not self.max_upload_mb > 0:
+            raise ValueError(f"max_upload_mb must be > 0, got {self.max_upload_mb!r}")
         if not self.adapter_memory_mb > 0:
             raise ValueError(f"adapter_memory_mb must be > 0, got {self.adapter_memory_mb!r}")
         if self.default_max_tokens > self.max_tokens_limit:

@@ -7,8 +7,7 @@ The HTTP app (``lora_retriever.service.app``) is a thin layer over these calls:
   with each adapter's similarity to the input;
 * ``encode_chat`` / ``encode_prompt``: prompt token ids (the tokenizer's chat template for chat requests);
 * ``submit``: queue a ``GenerationRequest`` for the scheduler (dynamic batching, ``scheduler``);
-* ``register_adapter`` / ``delete_adapter``: hot changes of the pool through the one pool writer
-  (``pool_transaction``), keys built on registration; the served pool is rebuilt after each change.
+* ``reload_pool``: re-read the pool configs after a hot change (``admin``: register, delete, merge).
 
 Threads: the scheduler thread runs every batch under ``model_lock``; registration and deletion take the same
 lock, so the model's adapter banks never change under a running batch. Embedding (retrieval) runs in the
@@ -19,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import re
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,10 +26,11 @@ from typing import Any
 import numpy as np
 
 from lora_retriever.pool import AdapterPool
-from lora_retriever.pool_config import pool_transaction, read_pool_entries, resolve_config_path
+from lora_retriever.pool_config import read_pool_entries, resolve_config_path
 from lora_retriever.retriever import LoraRetriever, LoraRetrieverConfig, RetrievedAdapter
-from lora_retriever.service.cache import AdapterCache
+from lora_retriever.service.cache import AdapterBudgetError, AdapterCache
 from lora_retriever.service.config import ServiceConfig
+from lora_retriever.service.errors import ServiceError
 from lora_retriever.service.metrics import ServiceMetrics
 from lora_retriever.service.scheduler import GenerationRequest, RequestHandle, Scheduler, decode_batch
 from swift.tuners import SwiftModel
@@ -45,20 +44,6 @@ __all__ = ["AUTO_MODEL", "MIXTURE_MODEL", "Engine", "ServiceError"]
 AUTO_MODEL = "auto"
 #: ``model`` value for an explicit mixture given in ``adapters`` (the base model id works too).
 MIXTURE_MODEL = "mixture"
-ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,99}$")
-MAX_KEY_SAMPLES = 1000
-
-
-class ServiceError(Exception):
-    """A request the service refuses: HTTP ``status``, OpenAI error ``type``, the offending ``param``."""
-
-    def __init__(self, message: str, *, status: int = 400, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.message = message
-        self.status = status
-        self.param = param
-        self.code = code
-        self.type = "invalid_request_error" if status < 500 else "server_error"
 
 
 class Engine:
@@ -106,6 +91,7 @@ class Engine:
             self._run_batch,
             max_batch_size=config.max_batch_size,
             max_wait_ms=config.max_wait_ms,
+            max_prepare_wait_ms=config.max_prepare_wait_ms,
             metrics=self.metrics,
         )
 
@@ -133,13 +119,13 @@ class Engine:
 
     # -- pool ---------------------------------------------------------------------------------------------
 
-    def _pool_sources(self) -> list[Path]:
+    def pool_sources(self) -> list[Path]:
         registry = self.config.registry_config
         return [*self.config.pool_configs, *([registry] if registry.is_file() else [])]
 
     def _load_pool(self) -> AdapterPool:
         base = str(getattr(getattr(self.model, "config", None), "name_or_path", "") or "") or None
-        return AdapterPool.from_configs(self._pool_sources(), base_model=base)
+        return AdapterPool.from_configs(self.pool_sources(), base_model=base)
 
     def _build_retriever(self, pool: AdapterPool) -> LoraRetriever | None:
         if not len(pool):
@@ -327,7 +313,7 @@ class Engine:
         """On the scheduler thread: load each request's adapters (a failure fails only that request), then
         decode the rest together; if ``generate`` fails, retry the requests that streamed nothing alone."""
         with self.model_lock:
-            ready, acquired = [], []
+            ready, acquired, later = [], [], []
             for handle in handles:
                 if handle.cancelled.is_set():
                     handle.fail(asyncio.CancelledError())
@@ -340,6 +326,12 @@ class Engine:
                             f"adapter(s) {missing} were deleted from the pool", status=404, param="model"
                         )
                     self.cache.acquire(names)
+                except AdapterBudgetError as err:
+                    if ready or later:  # the batch's other adapters fill the cache: next batch
+                        later.append(handle)
+                    else:
+                        handle.fail(ServiceError(str(err), status=500))
+                    continue
                 except Exception as err:
                     handle.fail(
                         err
@@ -348,11 +340,14 @@ class Engine:
                     )
                     continue
                 ready.append(handle)
-                acquired.extend(names)
+                acquired.append(names)  # released per acquire call: each counts its adapters once
+            if later:
+                self.scheduler.requeue(later)
             try:
                 self._decode_isolated(ready)
             finally:
-                self.cache.release(acquired)
+                for names in acquired:
+                    self.cache.release(names)
 
     def _decode_isolated(self, handles: list[RequestHandle]) -> None:
         if not handles:
@@ -376,117 +371,13 @@ class Engine:
                 continue
             self._decode_isolated([handle])
 
-    # -- adapters (admin) ---------------------------------------------------------------------------------
-
-    def register_adapter(
-        self,
-        name: str,
-        path: str,
-        *,
-        samples: Sequence[str] | None = None,
-        samples_path: str | None = None,
-        description: str = "",
-        pin: bool = False,
-    ) -> dict[str, Any]:
-        """Validate a PEFT directory by loading it, build its retrieval key, add it to the registry config.
-
-        Raises:
-            ServiceError: bad name (409 if taken), path, samples, or an adapter that doesn't load into the model.
-        """
-        from lora_retriever.embed_pool import read_sample_texts
-        from lora_retriever.training.registry import register_adapter, write_adapter_key
-
-        if not ADAPTER_NAME.match(name or ""):
-            raise ServiceError(
-                f"adapter name {name!r} must be 1-100 letters, digits, '_' or '-', starting with a letter or digit",
-                param="name",
-            )
-        if name in self.pool or name in self.base_aliases or name in (AUTO_MODEL, MIXTURE_MODEL):
-            raise ServiceError(
-                f"the name {name!r} is taken; delete it first or choose another", status=409, param="name"
-            )
-        adapter_dir = Path(path).expanduser()
-        if not adapter_dir.is_absolute():
-            raise ServiceError(f"path must be an absolute server-side directory, got {path!r}", param="path")
-        if not adapter_dir.is_dir():
-            raise ServiceError(f"path {path!r} is not a directory on the server", param="path")
-        if (samples is None) == (samples_path is None):
-            raise ServiceError(
-                "give the adapter's key samples as samples (texts) or samples_path (a file on the server)",
-                param="samples",
-            )
-        if samples_path is not None:
-            try:
-                texts = [t for _, t in read_sample_texts(samples_path)]
-            except (OSError, ValueError) as err:
-                raise ServiceError(f"samples_path {samples_path!r}: {err}", param="samples_path") from err
-        else:
-            texts = [t for t in samples if isinstance(t, str) and t.strip()]
-        if not texts or len(texts) > MAX_KEY_SAMPLES:
-            raise ServiceError(
-                f"need 1..{MAX_KEY_SAMPLES} non-empty sample texts for the key, got {len(texts)}",
-                param="samples",
-            )
-        registry = self.config.registry_config
-        registry.parent.mkdir(parents=True, exist_ok=True)
-        with self.model_lock:
-            try:
-                self.model.load_adapter(adapter_dir, name)  # every check Swift.from_pretrained makes
-            except (OSError, ValueError) as err:
-                raise ServiceError(f"adapter at {path!r} does not load: {err}", param="path") from err
-            self.model.set_active_adapters(None)
-            try:
-                self.cache.register_loaded(name, pinned=pin)
-                with self.embed_lock:
-                    key_path = write_adapter_key(
-                        registry, name, [(str(i), t) for i, t in enumerate(texts)], embedder=self.embedder
-                    )
-                entry = {
-                    "lora_name": name,
-                    "lora_path": str(adapter_dir.absolute()),
-                    "embedding_path": str(key_path),
-                    "description": description,
-                }
-                if samples_path is not None:
-                    entry["samples_path"] = str(Path(samples_path).expanduser().absolute())
-                stored = register_adapter(registry, entry)
-                self.reload_pool()
-            except Exception:
-                self.cache.unload(name)
-                self._remove_entry(name)
-                raise
-        logger.info("registered adapter %r from %s", name, adapter_dir)
-        return stored
-
-    def delete_adapter(self, name: str) -> None:
-        """Unload ``name`` and remove its entry from the pool config that holds it (files are kept).
-
-        Raises:
-            ServiceError: 404 for an adapter the pool doesn't hold.
-        """
-        if name not in self.pool:
-            raise ServiceError(
-                f"no adapter named {name!r}; the pool holds {self.pool.names}", status=404, param="name"
-            )
-        with self.model_lock:
-            self.cache.unload(name)
-            self._remove_entry(name)
-            self.reload_pool()
-        logger.info("deleted adapter %r", name)
-
-    def _remove_entry(self, name: str) -> None:
-        for config in self._pool_sources():
-            if any(e.get("lora_name") == name for e in read_pool_entries(config)):
-                with pool_transaction(config) as entries:
-                    entries[:] = [e for e in entries if e.get("lora_name") != name]
-
     def health(self) -> dict[str, Any]:
         return {
             "status": "ok",
             "model": self.base_name,
             "adapters": len(self.pool),
-            "resident_adapters": len(self.cache.resident),
             "queue_depth": self.scheduler.depth,
+            "cache": self.cache.stats(),
         }
 
 

@@ -23,7 +23,7 @@ import contextlib
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -230,6 +230,9 @@ class Scheduler:
         run_batch: called on the scheduler thread with a list of ``RequestHandle``s to decode together.
         max_batch_size: requests per batch at most.
         max_wait_ms: after the first request of a batch arrives, wait this long for more to join.
+        max_prepare_wait_ms: beyond ``max_wait_ms``, wait up to this long (from the first request) for requests
+            the server has already received but is still preparing (``preparing()``: parsing, tokenizing,
+            retrieving), so a burst of clients lands in one batch instead of trailing into the next.
         metrics: queue depth is exported here.
     """
 
@@ -239,12 +242,15 @@ class Scheduler:
         *,
         max_batch_size: int,
         max_wait_ms: float,
+        max_prepare_wait_ms: float = 0.0,
         metrics: ServiceMetrics,
     ):
         self.run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000.0
+        self.max_prepare_wait = max(max_prepare_wait_ms, max_wait_ms) / 1000.0
         self.metrics = metrics
+        self._preparing = 0
         self._pending: deque[RequestHandle] = deque()
         self._cond = threading.Condition()
         self._stopping = False
@@ -267,11 +273,30 @@ class Scheduler:
     def depth(self) -> int:
         return len(self._pending)
 
+    @contextlib.contextmanager
+    def preparing(self) -> Iterator[None]:
+        """Mark one received request as being prepared until it is submitted (or refused)."""
+        with self._cond:
+            self._preparing += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._preparing -= 1
+                self._cond.notify_all()
+
     def submit(self, handle: RequestHandle) -> None:
         with self._cond:
             if self._stopping:
                 raise RuntimeError("the server is shutting down; retry later")
             self._pending.append(handle)
+            self.metrics.queue_depth.set(len(self._pending))
+            self._cond.notify_all()
+
+    def requeue(self, handles: Sequence[RequestHandle]) -> None:
+        """Put ``handles`` back at the front of the queue, in order (they run in the next batch)."""
+        with self._cond:
+            self._pending.extendleft(reversed(list(handles)))
             self.metrics.queue_depth.set(len(self._pending))
             self._cond.notify_all()
 
@@ -298,13 +323,16 @@ class Scheduler:
             first = self._pending.popleft()
             batch = [first]
             key = first.request.batch_key()
-            deadline = time.perf_counter() + self.max_wait
+            start = time.perf_counter()
+            deadline, prepare_deadline = start + self.max_wait, start + self.max_prepare_wait
             while len(batch) < self.max_batch_size:
                 batch.extend(self._take_compatible(key, self.max_batch_size - len(batch)))
-                remaining = deadline - time.perf_counter()
-                if len(batch) >= self.max_batch_size or remaining <= 0 or self._stopping:
+                now = time.perf_counter()
+                # Past max_wait, keep waiting only for requests already received and still being prepared.
+                until = deadline if now < deadline or not self._preparing else prepare_deadline
+                if len(batch) >= self.max_batch_size or now >= until or self._stopping:
                     break
-                self._cond.wait(remaining)
+                self._cond.wait(until - now)
             self.metrics.queue_depth.set(len(self._pending))
             return batch
 

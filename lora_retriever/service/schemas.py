@@ -17,8 +17,11 @@ __all__ = [
     "ChatCompletionRequest",
     "ChatMessage",
     "CompletionRequest",
+    "EvaluateRequest",
+    "MergeRequest",
     "RegisterAdapterRequest",
     "RetrieveRequest",
+    "TrainRequest",
 ]
 
 MAX_TEXT = 100_000  # characters of one message / prompt
@@ -149,3 +152,53 @@ class RegisterAdapterRequest(BaseModel):
     )
     description: str = Field(default="", max_length=2000)
     pin: bool = False
+
+
+class MergeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=100)
+    adapters: list[AdapterWeight] = Field(min_length=1, max_length=64)
+    method: str = "cat"
+    svd_rank: int | None = Field(default=None, ge=1)
+    density: float | None = Field(default=None, gt=0.0, le=1.0)
+    seed: int | None = None
+    description: str = Field(default="", max_length=2000)
+
+    def adapter_pairs(self) -> list[tuple[str, float]]:
+        return [(a.name, a.weight) for a in self.adapters]
+
+    def options(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("svd_rank", "density", "seed") if getattr(self, k) is not None}
+
+
+class TrainRequest(BaseModel):
+    """A training job: the adapter is written under the data directory and registered when it finishes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    adapter_name: str = Field(min_length=1, max_length=100)
+    dataset_path: str = Field(min_length=1, max_length=4096, description="a training file on the server")
+    max_steps: int = Field(default=50, ge=1, le=100_000)
+    lora_r: int = Field(default=8, ge=1, le=256)
+    lora_alpha: float = Field(default=16.0, gt=0)
+    learning_rate: float = Field(default=2e-3, gt=0, le=1.0)
+    batch_size: int = Field(default=8, ge=1, le=256)
+    max_length: int = Field(default=256, ge=8, le=8192)
+    target_modules: list[str] = Field(default_factory=lambda: ["all-linear"], min_length=1, max_length=32)
+    save_steps: int = Field(default=10, ge=0)
+    seed: int = 42
+    description: str = Field(default="", max_length=2000)
+
+
+class EvaluateRequest(BaseModel):
+    """An evaluation job: ``pipeline.run_inference`` on a server-side JSONL test file over the served pools."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    test_data: str = Field(min_length=1, max_length=4096)
+    merge_method: str = "mixture"
+    top_k: int = Field(default=3, ge=1, le=64)
+    num_samples: int | None = Field(default=None, ge=1)
+    max_new_tokens: int = Field(default=32, ge=1, le=2048)
+    batch_size: int = Field(default=8, ge=1, le=256)

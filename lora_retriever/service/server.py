@@ -16,7 +16,7 @@ from swift.utils import get_logger
 
 logger = get_logger(__name__)
 
-__all__ = ["ServerThread", "serve"]
+__all__ = ["ServerThread", "make_job_runner", "serve"]
 
 
 def serve(config: ServiceConfig, *, log_level: str = "info") -> None:
@@ -26,9 +26,11 @@ def serve(config: ServiceConfig, *, log_level: str = "info") -> None:
     from lora_retriever.service.app import create_app
 
     engine = Engine.from_config(config)
+    jobs = make_job_runner(engine)
     engine.start()
+    jobs.start()
     try:
-        app = create_app(engine)
+        app = create_app(engine, jobs)
         logger.info(
             "serving %s with %d adapters on http://%s:%d (OpenAI base_url: http://%s:%d/v1)",
             engine.base_name,
@@ -40,7 +42,23 @@ def serve(config: ServiceConfig, *, log_level: str = "info") -> None:
         )
         uvicorn.run(app, host=config.host, port=config.port, log_level=log_level, timeout_graceful_shutdown=5)
     finally:
+        jobs.stop()
         engine.stop()
+
+
+def make_job_runner(engine: Engine) -> Any:
+    """The ``JobRunner`` of ``engine``'s data directory: a finished training is registered in the service's pool
+    config by the training itself, so the engine only re-reads its pools."""
+    from lora_retriever.service.jobs import JobRunner, JobStore
+
+    def after(job: dict[str, Any]) -> None:
+        if job["kind"] == "train":
+            with engine.model_lock:
+                engine.reload_pool()
+
+    return JobRunner(
+        JobStore(engine.config.data_dir), max_workers=engine.config.job_workers, on_finished=after
+    )
 
 
 class ServerThread:
@@ -50,15 +68,24 @@ class ServerThread:
     The engine's scheduler is started and stopped with the server unless ``manage_engine=False``.
     """
 
-    def __init__(self, engine: Engine, host: str = "127.0.0.1", port: int = 0, *, manage_engine: bool = True):
+    def __init__(
+        self,
+        engine: Engine,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        manage_engine: bool = True,
+        jobs: Any | None = None,
+    ):
         import uvicorn
 
         from lora_retriever.service.app import create_app
 
         self.engine = engine
         self.manage_engine = manage_engine
+        self.jobs = jobs
         config = uvicorn.Config(
-            create_app(engine),
+            create_app(engine, jobs),
             host=host,
             port=port,
             log_level="warning",
@@ -77,6 +104,8 @@ class ServerThread:
     def start(self, timeout: float = 30.0) -> ServerThread:
         if self.manage_engine:
             self.engine.start()
+        if self.jobs is not None:
+            self.jobs.start()
         self._thread.start()
         deadline = time.monotonic() + timeout
         while not self.server.started:
@@ -89,6 +118,8 @@ class ServerThread:
     def stop(self) -> None:
         self.server.should_exit = True
         self._thread.join(10)
+        if self.jobs is not None:
+            self.jobs.stop()
         if self.manage_engine:
             self.engine.stop()
 

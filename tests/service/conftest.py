@@ -57,7 +57,7 @@ def server(engine):
 def http(server):
     import httpx
 
-    with httpx.Client(base_url=server.url, timeout=120) as client:
+    with httpx.Client(base_url=server.url, timeout=900) as client:
         yield client
 
 
@@ -65,4 +65,4 @@ def http(server):
 def openai_client(server):
     from openai import OpenAI
 
-    return OpenAI(base_url=f"{server.url}/v1", api_key="not-needed", timeout=120, max_retries=0)
+    return OpenAI(base_url=f"{server.url}/v1", api_key="not-needed", timeout=900, max_retries=0)

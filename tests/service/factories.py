@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
-from swift.tuners import write_adapter_dir
-from swift.tuners.peft_format import peft_lora_key
+from swift.tuners.peft_format import CONFIG_NAME, SAFETENSORS_NAME, peft_lora_key
 
 #: Key samples of the test pool: three "tasks" a query can be retrieved for.
 TASK_SAMPLES: dict[str, list[str]] = {
@@ -65,7 +65,7 @@ def write_random_adapter(
         state[peft_lora_key(name, "A")] = torch.randn(r, linear.in_features, generator=gen) * std
         state[peft_lora_key(name, "B")] = torch.randn(linear.out_features, r, generator=gen) * std
     base = getattr(getattr(model, "config", None), "name_or_path", None)
-    config = {
+    adapter_config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "r": r,
@@ -74,7 +74,11 @@ def write_random_adapter(
         "target_modules": list(modules),
         "base_model_name_or_path": base,
     }
-    return write_adapter_dir(path, state, config)
+    # Plain writes (no fsync): tests and benchmarks write hundreds of these.
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path / SAFETENSORS_NAME))
+    (path / CONFIG_NAME).write_text(json.dumps(adapter_config))
+    return path
 
 
 def build_pool(

@@ -189,3 +189,35 @@ def test_metrics_are_prometheus_text(http):
         "lora_retriever_adapter_cache_evictions_total",
     ):
         assert series in text
+
+
+def test_merge_cat_equals_the_mixture_and_is_registered(http, engine):
+    """``POST /merge`` with ``cat`` (exact: sum of w * s * B A) serves the same answer as the mixture itself."""
+    from lora_retriever.service.admin import delete_adapter
+
+    sources = [{"name": "capitals", "weight": 0.6}, {"name": "arithmetic", "weight": 0.4}]
+    created = http.post("/merge", json={"name": "capmath", "adapters": sources, "method": "cat"})
+    assert created.status_code == 201, created.text
+    assert created.json()["adapter"]["fusion"]["method"] == "cat"
+    try:
+        question = "What is the capital of Chile?"
+        fused = chat(http, "capmath", content=question).json()
+        mixed = chat(http, "mixture", content=question, adapters=sources).json()
+        assert fused["choices"][0]["message"]["content"] == mixed["choices"][0]["message"]["content"]
+        assert (
+            engine.config.registry_config.parent / "adapters" / "capmath" / "adapter_model.safetensors"
+        ).is_file()
+        sims = {
+            a["name"]: a["similarity"]
+            for a in http.post("/retrieve", json={"input": question, "top_k": 4}).json()["results"][0][
+                "adapters"
+            ]
+        }
+        assert "capmath" in sims
+        assert http.post("/merge", json={"name": "capmath", "adapters": sources}).status_code == 409
+        bad = http.post("/merge", json={"name": "m2", "adapters": sources, "method": "magic"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "method"
+        missing = http.post("/merge", json={"name": "m2", "adapters": [{"name": "nope", "weight": 1}]})
+        assert missing.status_code == 404
+    finally:
+        delete_adapter(engine, "capmath")

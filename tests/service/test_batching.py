@@ -149,6 +149,7 @@ def test_max_tokens_and_stop_per_request_in_one_batch(http):
 
 def test_a_failing_adapter_fails_only_its_request(http, engine, tmp_path):
     """An adapter whose weights file is corrupt fails at load time inside a batch; the others still answer."""
+    from lora_retriever.service.admin import delete_adapter
     from lora_retriever.training.registry import register_adapter, write_adapter_key
     from tests.service.factories import linear_names, write_random_adapter
 
@@ -177,7 +178,7 @@ def test_a_failing_adapter_fails_only_its_request(http, engine, tmp_path):
         assert good.status_code == 200 and base.status_code == 200
         assert good.json()["choices"][0]["message"]["content"]
     finally:
-        engine.delete_adapter("broken")
+        delete_adapter(engine, "broken")
 
 
 def test_client_disconnect_cancels_its_row(http, engine):
