@@ -88,15 +88,14 @@ def retrieve_split(config: RetrieveConfig) -> dict[str, Any]:
                     ranked, modality_of, task.cand_modality, config.violation_k
                 )
         tasks[name] = entry
-    metrics = [m for m in next(iter(tasks.values()))["global"] if m != "n_candidates"]
     mean = {
         pool: {
             m: sum(t[pool][m] for t in tasks.values()) / len(tasks)
-            for m in metrics
-            if m in tasks[next(iter(tasks))][pool]
+            for m in entry[pool]
+            if m != "n_candidates"
         }
         for pool in ("local", "global")
-    }
+    }  # the unweighted mean over tasks, as UniIR's average row
     result = {
         "split": split_name,
         "data_root": str(Path(config.data_root).expanduser()),
