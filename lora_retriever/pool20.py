@@ -18,8 +18,10 @@ on the full pool:
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +63,13 @@ class PoolBuildConfig:
     model_path: str | None = field(
         default=None, metadata={"help": "local base model directory (not needed for the packaged default)"}
     )
+    report_retrieval: bool = field(
+        default=False,
+        metadata={
+            "help": "then measure retrieval by cluster on the mixed test sets (test and test_alt) and write "
+            "<work_dir>/retrieval.json; it needs only the keys, which do not depend on --steps"
+        },
+    )
     progress: bool = field(default=True, metadata={"help": "show the progress bar", "cli": False})
 
     def __post_init__(self) -> None:
@@ -83,18 +92,21 @@ def build_pool(config: PoolBuildConfig) -> dict[str, Any]:
 
     Returns:
         ``{"pool_config", "tasks_dir", "tasks", "trained", "reused", "seconds", "cpu"}``: ``trained`` are
-        the adapters trained by this call, ``reused`` the ones found in the cache.
+        the adapters trained by this call, ``reused`` the ones found in the cache; with
+        ``report_retrieval``, also ``"retrieval"``: ``retrieval_by_cluster`` of each mixed test set, by
+        wording (also written to ``<work_dir>/retrieval.json``).
 
     Raises:
         ValueError: ``work_dir`` is not a writable folder.
         ChildProcessError: a training failed (the adapters finished before it are kept).
     """
     from lora_retriever.demo import build_task_pool
+    from swift.utils.files import atomic_write
     from swift.utils.machine import cpu_summary
 
     start = time.perf_counter()
     tasks_dir, pool_dir, trained = build_task_pool(config, config.tasks)
-    return {
+    summary = {
         "pool_config": str(pool_dir / "pool.json"),
         "tasks_dir": str(tasks_dir),
         "tasks": list(config.tasks),
@@ -103,6 +115,13 @@ def build_pool(config: PoolBuildConfig) -> dict[str, Any]:
         "seconds": round(time.perf_counter() - start, 1),
         "cpu": cpu_summary(),
     }
+    if config.report_retrieval:
+        summary["retrieval"] = {
+            wording: retrieval_by_cluster(pool_dir / "pool.json", tasks_dir / f"{name}.jsonl")
+            for wording, name in (("test", "test_mixed"), ("test_alt", "test_mixed_alt"))
+        }
+        atomic_write(tasks_dir.parent / "retrieval.json", json.dumps(summary["retrieval"], indent=2) + "\n")
+    return summary
 
 
 def eval_command(summary: dict[str, Any], output_dir: str = "outputs/pool20") -> str:
@@ -119,7 +138,8 @@ def retrieval_by_cluster(pool_config: str | Path, test_data: str | Path, top_k: 
     """Where the retriever's picks land, per cluster of the queries' tasks (the packaged embedder, the
     pool's keys, every query of ``test_data``).
 
-    Per cluster and ``"all"``: ``top1`` (own adapter ranked first), ``top1_cluster`` (first pick from the
+    Returns ``{"by_cluster": ..., "top1_confusions": [{"task", "retrieved", "n"}, ...]}`` (the top-1 misses,
+    commonest first). ``by_cluster`` has, per cluster and ``"all"``: ``n``, ``top1`` (own adapter ranked first), ``top1_cluster`` (first pick from the
     own cluster), ``topk`` (own adapter among the top ``top_k``), ``topk_cluster`` (share of the top ``top_k``
     from the own cluster) and ``ood_topk_cluster`` (the same with the own adapter excluded, as the paper's
     out-of-domain setting retrieves: how much of an OOD mixture comes from related adapters).
@@ -165,9 +185,13 @@ def retrieval_by_cluster(pool_config: str | Path, test_data: str | Path, top_k: 
         "ood_topk_cluster": (adapter_cluster[ood_ranked] == cluster[:, None]).mean(axis=1),
     }
     groups = {"all": np.ones(len(samples), bool)} | {c: cluster == c for c in dict.fromkeys(cluster)}
+    misses = Counter((s.task, names[j]) for s, j in zip(samples, ranked[:, 0]) if names[j] != s.task)
     return {
-        group: {"n": int(mask.sum())} | {k: round(float(v[mask].mean()), 4) for k, v in rows.items()}
-        for group, mask in groups.items()
+        "by_cluster": {
+            group: {"n": int(mask.sum())} | {k: round(float(v[mask].mean()), 4) for k, v in rows.items()}
+            for group, mask in groups.items()
+        },
+        "top1_confusions": [{"task": a, "retrieved": b, "n": n} for (a, b), n in misses.most_common()],
     }
 
 
@@ -218,6 +242,16 @@ def _build(args: argparse.Namespace) -> int:
         f"{len(summary['trained'])} trained now, {len(summary['reused'])} reused)"
     )
     print(f"time: {summary['seconds']:.0f} s on {summary['cpu']}")
+    for wording, report in summary.get("retrieval", {}).items():
+        print(f"\nretrieval by cluster, {wording} queries (own = the item's own adapter; OOD: own excluded)")
+        print(
+            f"{'cluster':<14} {'n':>4} {'top1':>6} {'top1 in cluster':>16} {'top3':>6} {'OOD top3 in cluster':>20}"
+        )
+        for group, row in report["by_cluster"].items():
+            print(
+                f"{group:<14} {row['n']:>4} {row['top1']:>6.3f} {row['top1_cluster']:>16.3f} "
+                f"{row['topk']:>6.3f} {row['ood_topk_cluster']:>20.3f}"
+            )
     print(f"next: {eval_command(summary)}")
     return 0
 

@@ -4,6 +4,7 @@ on every task asked for, resumable, timed with the CPU named; and the demo keeps
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -59,22 +60,15 @@ def test_build_trains_registers_and_resumes(tmp_path, capsys):
     work_dir = tmp_path / "pool20"
     tasks = ["capital", "capital_country", "arithmetic"]
     argv = ["--work_dir", str(work_dir), "--tasks", *tasks, "--steps", "1"]
-    argv += [
-        "--workers",
-        "1",
-        "--n_test",
-        "3",
-        "--model_type",
-        "llama",
-        "--model_path",
-        str(llama),
-        "--quiet",
-    ]
+    argv += ["--workers", "1", "--n_test", "3", "--model_type", "llama", "--model_path", str(llama)]
+    argv += ["--report_retrieval", "--quiet"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "(3 adapters: 3 trained now, 0 reused)" in out
     assert cpu_info()["model"] in out  # the run time comes with the CPU it was measured on
     assert "--test_data " + str(work_dir / "tasks" / "test_mixed.jsonl") in out
+    assert "retrieval by cluster, test_alt queries" in out
+    assert re.search(r"^geography +6 ", out, re.MULTILINE) and re.search(r"^all +9 ", out, re.MULTILINE)
 
     pool_config = work_dir / "pool" / "pool.json"
     pool = AdapterPool.from_configs(pool_config)
@@ -91,6 +85,7 @@ def test_build_trains_registers_and_resumes(tmp_path, capsys):
         n_test=3,
         model_type="llama",
         model_path=str(llama),
+        report_retrieval=True,
         progress=False,
     )
     again = build_pool(config)
@@ -98,12 +93,15 @@ def test_build_trains_registers_and_resumes(tmp_path, capsys):
     assert again["seconds"] >= 0 and again["cpu"]
     assert eval_command(again).startswith(f"python -m lora_retriever.eval --pool {pool_config} ")
 
-    # 3 test queries per task. Arithmetic queries find their own adapter first; of their top 3 (the whole
-    # pool) one is from their cluster; out of domain none is. A geography query's OOD top 2 are its sibling
-    # and the arithmetic adapter: half from its cluster.
-    report = retrieval_by_cluster(pool_config, work_dir / "tasks" / "test_mixed.jsonl")
-    assert report["all"]["n"] == 9 and report["geography"]["n"] == 6
-    assert report["arithmetic"] == {
+    # --report_retrieval (3 test queries per task). Arithmetic queries find their own adapter first; of their
+    # top 3 (the whole pool) one is from their cluster; out of domain none is. A geography query's OOD top 2
+    # are its sibling and the arithmetic adapter: half from its cluster. A top-1 miss can only be a sibling.
+    assert again["retrieval"] == json.loads((work_dir / "retrieval.json").read_text())
+    report = again["retrieval"]["test"]
+    assert report == retrieval_by_cluster(pool_config, work_dir / "tasks" / "test_mixed.jsonl")
+    by_cluster = report["by_cluster"]
+    assert by_cluster["all"]["n"] == 9 and by_cluster["geography"]["n"] == 6
+    assert by_cluster["arithmetic"] == {
         "n": 3,
         "top1": 1.0,
         "top1_cluster": 1.0,
@@ -111,7 +109,15 @@ def test_build_trains_registers_and_resumes(tmp_path, capsys):
         "topk_cluster": round(1 / 3, 4),
         "ood_topk_cluster": 0.0,
     }
-    assert report["geography"]["top1_cluster"] == 1.0 and report["geography"]["ood_topk_cluster"] == 0.5
+    assert (
+        by_cluster["geography"]["top1_cluster"] == 1.0 and by_cluster["geography"]["ood_topk_cluster"] == 0.5
+    )
+    misses = round(6 * (1 - by_cluster["geography"]["top1"]))
+    assert sum(c["n"] for c in report["top1_confusions"]) == misses
+    assert all(
+        {c["task"], c["retrieved"]} == {"capital", "capital_country"} for c in report["top1_confusions"]
+    )
+    assert again["retrieval"]["test_alt"]["by_cluster"]["all"]["n"] == 9
 
     config.steps = 2  # another recipe: nothing is reused
     assert build_pool(config)["trained"] == tasks
