@@ -9,6 +9,10 @@ reports every problem with its line, and an offline mini M-BEIR built from the p
 
 CLI: ``python -m lora_retriever.mbeir validate DIR`` and ``python -m lora_retriever.mbeir build --out_dir DIR``.
 Formats: :mod:`.formats`; problems: :mod:`.problems`; checks across files: :mod:`.validate`; task types: :mod:`.tasks`; builder: :mod:`.build`.
+
+Universal retrievers (UniIR's CLIP-SF / CLIP-FF) and UniIR's steps: :mod:`.models`, :mod:`.train`, :mod:`.embed`,
+:mod:`.index`, :mod:`.retrieve` (scores: :mod:`.score`), :mod:`.report`; CLI ``train|embed|index|retrieve|report``
+(:mod:`.commands`); a checkpoint behind the ``Embedder`` protocol: ``get_embedder("universal", model_path=...)``.
 """
 
 from lora_retriever.mbeir.build import MiniMBeirConfig, build_mini_mbeir
