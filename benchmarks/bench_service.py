@@ -87,7 +87,7 @@ DESCRIBE = [
     "Describe a walk through a forest.",
 ]
 #: name -> (prompts, max_tokens): short answers (prefill-heavy) and long answers (decode-heavy).
-WORKLOADS = {"short": (QUESTIONS, 32), "long": (DESCRIBE, 96)}
+WORKLOADS = {"short": (QUESTIONS, 32), "long": (DESCRIBE, 64)}
 SYNTHETIC_TASKS = {
     "capitals": ["What is the capital of France?", "Name the capital city of Brazil.", "Capital of Kenya?"],
     "arithmetic": ["What is 12 + 7?", "Compute 45 + 38.", "Add 9 and 16."],
@@ -249,7 +249,7 @@ async def send(client: Any, body: dict[str, Any]) -> tuple[float, dict[str, Any]
 async def sequential(url: str, bodies: list[dict[str, Any]]) -> tuple[float, list[tuple[float, dict]]]:
     import httpx
 
-    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=1800) as client:
         start = time.perf_counter()
         results = [await send(client, body) for body in bodies]
         return time.perf_counter() - start, results
@@ -259,7 +259,7 @@ async def concurrent(url: str, bodies: list[dict[str, Any]]) -> tuple[float, lis
     import httpx
 
     limits = httpx.Limits(max_connections=len(bodies))
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=1800, limits=limits) as client:
         start = time.perf_counter()
         results = await asyncio.gather(*(send(client, body) for body in bodies))
         return time.perf_counter() - start, list(results)
@@ -381,7 +381,7 @@ def report(
         f"+ httpx, {args.clients} requests per round, each with its own mixture (auto top-3 / top-1, one adapter, "
         f"a 2-adapter weighted mixture, the base model), greedy; {args.rounds} rounds per workload. Workloads: "
         "`short` = one-line questions, max_tokens 32 (prompt processing dominates); `long` = requests for a "
-        "paragraph, max_tokens 96 (decoding dominates).",
+        "paragraph, max_tokens 64 (decoding dominates).",
         "",
         "## A. Dynamic batching: 16 concurrent clients vs the same requests one after another",
         "",
