@@ -120,6 +120,11 @@ def create_app(engine: Engine, jobs: JobRunner | None = None) -> FastAPI:
     async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
         return JSONResponse(error_body(str(err.detail)), status_code=err.status_code)
 
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, err: Exception) -> JSONResponse:
+        logger.exception("unexpected error on %s %s", request.method, request.url.path)
+        return JSONResponse(error_body(f"{type(err).__name__}: {err}", type_="server_error"), status_code=500)
+
     # -- generation -----------------------------------------------------------------------------------------
 
     async def prepare(
@@ -207,6 +212,24 @@ def create_app(engine: Engine, jobs: JobRunner | None = None) -> FastAPI:
             "lora_retriever": extension(request, done),
         }
 
+    async def _chunks(
+        handle: RequestHandle, base: dict, request: GenerationRequest, include_usage: bool, choice
+    ):
+        """Stream chunks: ``choice(text, finish_reason)`` shapes each; the last one carries the adapters used."""
+        async for event in handle.events():
+            if isinstance(event, TextDelta):
+                yield {**base, "choices": [choice(event.text, None)]}
+                continue
+            last = {
+                **base,
+                "choices": [choice(None, _openai_reason(event))],
+                "adapters": _adapters_json(request.adapters),
+                "lora_retriever": extension(request, event),
+            }
+            if include_usage:
+                last["usage"] = usage([event])
+            yield last
+
     async def _chat_chunks(
         handle: RequestHandle, head: dict, request: GenerationRequest, include_usage: bool
     ):
@@ -215,22 +238,12 @@ def create_app(engine: Engine, jobs: JobRunner | None = None) -> FastAPI:
             **base,
             "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
         }
-        async for event in handle.events():
-            if isinstance(event, TextDelta):
-                yield {
-                    **base,
-                    "choices": [{"index": 0, "delta": {"content": event.text}, "finish_reason": None}],
-                }
-            else:
-                last = {
-                    **base,
-                    "choices": [{"index": 0, "delta": {}, "finish_reason": _openai_reason(event)}],
-                    "adapters": _adapters_json(request.adapters),
-                    "lora_retriever": extension(request, event),
-                }
-                if include_usage:
-                    last["usage"] = usage([event])
-                yield last
+
+        def choice(text: str | None, finish: str | None) -> dict:
+            return {"index": 0, "delta": {} if text is None else {"content": text}, "finish_reason": finish}
+
+        async for chunk in _chunks(handle, base, request, include_usage, choice):
+            yield chunk
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
@@ -262,28 +275,13 @@ def create_app(engine: Engine, jobs: JobRunner | None = None) -> FastAPI:
             "lora_retriever": extension(requests[0], done[0]),
         }
 
-    async def _completion_chunks(
+    def _completion_chunks(
         handle: RequestHandle, head: dict, request: GenerationRequest, include_usage: bool
     ):
-        base = {**head, "object": "text_completion"}
-        async for event in handle.events():
-            if isinstance(event, TextDelta):
-                yield {
-                    **base,
-                    "choices": [{"index": 0, "text": event.text, "finish_reason": None, "logprobs": None}],
-                }
-            else:
-                last = {
-                    **base,
-                    "choices": [
-                        {"index": 0, "text": "", "finish_reason": _openai_reason(event), "logprobs": None}
-                    ],
-                    "adapters": _adapters_json(request.adapters),
-                    "lora_retriever": extension(request, event),
-                }
-                if include_usage:
-                    last["usage"] = usage([event])
-                yield last
+        def choice(text: str | None, finish: str | None) -> dict:
+            return {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+
+        return _chunks(handle, {**head, "object": "text_completion"}, request, include_usage, choice)
 
     @app.get("/v1/models")
     async def models():

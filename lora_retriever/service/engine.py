@@ -197,14 +197,7 @@ class Engine:
             k = self.config.top_k if top_k is None else top_k
             if not 1 <= k <= limit:
                 raise ServiceError(f"top_k must be in 1..{limit}, got {k}", param="top_k")
-            if self.retriever is None:
-                raise ServiceError(
-                    'model "auto" needs adapters, but the pool is empty; register one first', param="model"
-                )
-            with self.embed_lock:
-                retriever = self.retriever
-                vectors = retriever.embed_queries([text])
-                return retriever.retrieve_vectors(vectors, k)[0]
+            return self._top_k([text], k, param="model")[0]
         if model in self.pool:
             return self._explicit([(model, 1.0)], text)
         raise ServiceError(
@@ -264,15 +257,20 @@ class Engine:
         k = self.config.top_k if top_k is None else top_k
         if not 1 <= k <= max(len(self.pool), 1):
             raise ServiceError(f"top_k must be in 1..{max(len(self.pool), 1)}, got {k}", param="top_k")
-        if self.retriever is None:
+        return self._top_k(texts, k, weight_mode=weight_mode, param="input")
+
+    def _top_k(
+        self, texts: Sequence[str], k: int, *, weight_mode: str | None = None, param: str
+    ) -> list[list[RetrievedAdapter]]:
+        """The one retrieval path (``"auto"`` and ``/retrieve``): embed under the lock, search the keys."""
+        retriever = self.retriever
+        if retriever is None:
             raise ServiceError(
-                "the pool is empty: nothing to retrieve; register an adapter first", param="input"
+                "the pool is empty: nothing to retrieve; register an adapter first", param=param
             )
         with self.embed_lock:
-            retriever = self.retriever
-            return retriever.retrieve_vectors(
-                retriever.embed_queries(list(texts)), k, weight_mode=weight_mode
-            )
+            vectors = retriever.embed_queries(list(texts))
+        return retriever.retrieve_vectors(vectors, k, weight_mode=weight_mode)
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of a chat prompt rendered by the tokenizer's chat template (generation prompt appended)."""

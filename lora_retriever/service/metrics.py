@@ -50,51 +50,42 @@ class _Metric:
         raise NotImplementedError
 
 
-class Counter(_Metric):
-    """A monotonically increasing count per label set."""
-
-    kind = "counter"
+class _Labelled(_Metric):
+    """One value per label set."""
 
     def __init__(self, name: str, help_text: str):
         super().__init__(name, help_text)
         self._values: dict[Labels, float] = {}
+
+    def value(self, **labels: str) -> float:
+        with self._lock:
+            return self._values.get(_labels(labels), 0.0)
+
+    def _samples(self) -> list[str]:
+        with self._lock:
+            items = sorted(self._values.items())
+        return [f"{self.name}{_format_labels(k)} {_number(v)}" for k, v in items] or [f"{self.name} 0"]
+
+
+class Counter(_Labelled):
+    """A monotonically increasing count per label set."""
+
+    kind = "counter"
 
     def inc(self, amount: float = 1.0, **labels: str) -> None:
         key = _labels(labels)
         with self._lock:
             self._values[key] = self._values.get(key, 0.0) + amount
 
-    def value(self, **labels: str) -> float:
-        with self._lock:
-            return self._values.get(_labels(labels), 0.0)
 
-    def _samples(self) -> list[str]:
-        with self._lock:
-            items = sorted(self._values.items())
-        return [f"{self.name}{_format_labels(k)} {_number(v)}" for k, v in items] or [f"{self.name} 0"]
-
-
-class Gauge(_Metric):
+class Gauge(_Labelled):
     """A value that goes up and down (one per label set)."""
 
     kind = "gauge"
 
-    def __init__(self, name: str, help_text: str):
-        super().__init__(name, help_text)
-        self._values: dict[Labels, float] = {}
-
     def set(self, value: float, **labels: str) -> None:
         with self._lock:
             self._values[_labels(labels)] = float(value)
-
-    def value(self, **labels: str) -> float:
-        with self._lock:
-            return self._values.get(_labels(labels), 0.0)
-
-    def _samples(self) -> list[str]:
-        with self._lock:
-            items = sorted(self._values.items())
-        return [f"{self.name}{_format_labels(k)} {_number(v)}" for k, v in items] or [f"{self.name} 0"]
 
 
 class Histogram(_Metric):
