@@ -130,7 +130,15 @@ class RetrieveRequest(BaseModel):
 
     input: str | list[str] = Field(max_length=MAX_TEXT)
     top_k: int | None = Field(default=None, ge=1)
-    weight_mode: Literal["uniform", "softmax", "similarity"] | None = None
+    weight_mode: str | None = None  # one of lora_retriever.retriever.WEIGHT_MODES
+
+    @model_validator(mode="after")
+    def _known_weight_mode(self) -> RetrieveRequest:
+        from lora_retriever.retriever import WEIGHT_MODES
+
+        if self.weight_mode is not None and self.weight_mode not in WEIGHT_MODES:
+            raise ValueError(f"weight_mode must be one of {list(WEIGHT_MODES)}, got {self.weight_mode!r}")
+        return self
 
     def texts(self) -> list[str]:
         texts = [self.input] if isinstance(self.input, str) else list(self.input)
