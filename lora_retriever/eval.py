@@ -70,6 +70,12 @@ def run(args: PaperEvalConfig) -> dict[str, Any]:
     pools, union = _pools(args)
     samples = read_samples(args.test_data, limit=args.num_samples)
     alt = read_samples(args.test_alt, limit=args.num_samples) if args.test_alt else None
+    if args.tasks:
+        unknown = sorted(set(args.tasks) - {str(s.task) for s in samples})
+        if unknown:
+            raise ValueError(f"--tasks {unknown} have no test items in {args.test_data}; check the names")
+        samples = [s for s in samples if s.task in args.tasks]
+        alt = [s for s in alt if s.task in args.tasks] if alt is not None else None
     tasks = [s.task for s in samples]
     categories = [s.extra.get("category") for s in samples]
     for kind, pool in pools.items():
@@ -78,7 +84,7 @@ def run(args: PaperEvalConfig) -> dict[str, Any]:
             raise ValueError(
                 f"tasks {missing} have no own adapter in the {kind} pool (by name, 'task' or category)"
             )
-    text_embedder = get_embedder(EmbedderConfig())
+    text_embedder = get_embedder(EmbedderConfig(adapter_path=args.embedder_adapter_path))
     image = args.image
     image_config = image.embedder_config() if image is not None else None
     image_embedder = get_embedder(image_config) if image_config is not None else None

@@ -291,6 +291,7 @@ def test_adapter_changes_embeddings_and_loads_idempotently(minilm, minilm_adapte
     adapted = embedder.encode_queries(texts)
     np.testing.assert_allclose(np.linalg.norm(adapted, axis=1), 1.0, atol=1e-5)
     assert np.abs(adapted - base).max() > 1e-3
+    embedder_a_digest = embedder.meta().adapter.partition("@")[2]
 
     n_lora = sum(".lora_B." in n for n, _ in embedder.model.named_parameters())
     assert embedder.load_adapter(minilm_adapters["a"]) is True  # the same path again: a no-op
@@ -303,7 +304,8 @@ def test_adapter_changes_embeddings_and_loads_idempotently(minilm, minilm_adapte
     assert sum(".lora_B." in n for n, _ in embedder.model.named_parameters()) == n_lora
     other = embedder.encode_queries(texts)
     assert np.abs(other - adapted).max() > 1e-3 and np.abs(other - base).max() > 1e-3
-    assert embedder.meta().adapter == "lora_b"
+    name, _, digest = embedder.meta().adapter.partition("@")  # the folder name and its weights' digest
+    assert name == "lora_b" and len(digest) == 12 and digest != embedder_a_digest
 
     embedder.unload_adapter()
     assert not embedder.adapter_loaded

@@ -94,11 +94,25 @@ class PaperEvalConfig:
     output_dir: str = field(
         default="outputs/paper_protocol", metadata={"help": "where table.md, results.json and results.png go"}
     )
+    embedder_adapter_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "a PEFT LoRA adapter on the text embedder (python -m lora_retriever.train_retriever writes "
+            "one); the pool's keys must have been built with it"
+        },
+    )
+    tasks: list[str] | None = field(
+        default=None, metadata={"help": "only the test items of these tasks (default: every task)"}
+    )
     image: ImageRetrievalConfig | None = field(
         default=None, metadata={"help": "image-aware retrieval (flags --image_embedder ...)", "cli": False}
     )
 
     def __post_init__(self) -> None:
+        if self.embedder_adapter_path is not None:
+            from lora_retriever.embedders.config import validate_adapter_path
+
+            self.embedder_adapter_path = str(validate_adapter_path(self.embedder_adapter_path))
         for name in ("top_k", "batch_size", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

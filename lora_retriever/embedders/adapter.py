@@ -30,7 +30,7 @@ from lora_retriever.embedders.config import ADAPTER_CONFIG_NAME, validate_adapte
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["LoraAdapterMixin", "check_lora_b_nonzero"]
+__all__ = ["LoraAdapterMixin", "adapter_weights_digest", "check_lora_b_nonzero"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,21 @@ def _check_is_lora(path: Path) -> None:
             f"{config_file} has peft_type={config.get('peft_type')!r}; only LoRA adapters are supported "
             "on the embedding model (peft_type 'LORA')"
         )
+
+
+def adapter_weights_digest(path: str | Path) -> str:
+    """The first 12 hex digits of the SHA-256 of an adapter directory's weight files (``adapter_model.*``):
+    the identity key metadata records with the adapter's folder name, so keys built with one training of an
+    adapter are never compared with queries embedded by another saved under the same name."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for weights in sorted(Path(path).glob("adapter_model.*")):
+        digest.update(weights.name.encode())
+        with weights.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:12]
 
 
 def check_lora_b_nonzero(module: nn.Module, adapter_path: str | Path) -> None:
@@ -136,6 +151,7 @@ class LoraAdapterMixin:
         self._peft_model = peft_model
         self.adapter_loaded = True
         self.adapter_path = str(path)
+        self.adapter_digest = adapter_weights_digest(path)
         logger.info("loaded LoRA adapter %s on embedder %s in %.1f ms", path, self.model_id, elapsed_ms)
         return True
 
@@ -148,3 +164,4 @@ class LoraAdapterMixin:
         self._peft_model = None
         self.adapter_loaded = False
         self.adapter_path = None
+        self.adapter_digest = None

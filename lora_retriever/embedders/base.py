@@ -163,6 +163,7 @@ class Embedder(ABC):
         self.image_weight: float = config.image_weight
         self.adapter_loaded: bool = False
         self.adapter_path: str | None = None
+        self.adapter_digest: str | None = None  # of the loaded adapter's weights (``adapter_weights_digest``)
 
     def __repr__(self) -> str:
         adapter = f", adapter={self.adapter_path!r}" if self.adapter_loaded else ""
@@ -194,7 +195,11 @@ class Embedder(ABC):
 
     def meta(self, role: str = "query") -> EmbeddingMeta:
         """The identity to store with vectors made by this embedder for ``role``."""
-        adapter = Path(self.adapter_path).name if self.adapter_loaded and self.adapter_path else None
+        adapter = None
+        if self.adapter_loaded and self.adapter_path:
+            # name@digest: two adapters saved under the same folder name (a retrained one) differ here
+            adapter = Path(self.adapter_path).name
+            adapter += f"@{self.adapter_digest}" if self.adapter_digest else ""
         return EmbeddingMeta(
             model_id=self.model_id,
             dim=self.dim,
