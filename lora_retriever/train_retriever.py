@@ -293,7 +293,14 @@ def _train(embedder: Any, texts: dict[str, list[str]], config: RetrieverTrainCon
         pairs = [rng.sample(texts[t], 2) for t in batch_tasks]
         q = _embed(st_model, [prefix + a for a, _ in pairs])
         p = _embed(st_model, [prefix + b for _, b in pairs])
-        same = torch.tensor([[a == b for b in batch_tasks] for a in batch_tasks])
+        # not negatives: another sample of the same task, or one with the very same text (tasks of a
+        # multimodal pool share wordings, told apart only by their images: a text encoder can't split them)
+        same = torch.tensor(
+            [
+                [ta == tb or qa == pb for tb, (_, pb) in zip(batch_tasks, pairs)]
+                for ta, (qa, _) in zip(batch_tasks, pairs)
+            ]
+        )
         loss = info_nce(q, p, same, config.scale)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -340,8 +347,7 @@ def _retrieval(
 ) -> dict[str, Any]:
     """Top-1/top-3 of the own adapter among the whole pool, over the unseen and the seen tasks' queries, per
     wording, plus per task."""
-    from lora_retriever.eval import retrieval_accuracy
-    from lora_retriever.retriever import LoraRetriever, LoraRetrieverConfig
+    from lora_retriever.retriever import LoraRetriever, LoraRetrieverConfig, pool_similarities
 
     scores_images = image_embedder is not None and pool.image_key_meta() is not None
     retriever = LoraRetriever(
@@ -357,22 +363,38 @@ def _retrieval(
         images = (
             [s.load_images() for s in samples] if scores_images and any(s.images for s in samples) else None
         )
-        sims = retriever.similarities(retriever.embed_queries([s.query for s in samples], images))
+        vectors = retriever.embed_queries([s.query for s in samples], images)
+        sims = {"fused": retriever.similarities(vectors)}
+        if images is not None:  # each part alone too: what the text embedder's training changed
+            sims |= {
+                "text": pool_similarities(pool, vectors, 1.0),
+                "image": pool_similarities(pool, vectors, 0.0),
+            }
         own_idx = np.array([names.index(name) for name in own[wording]])
-        by_task: dict[str, dict[str, float]] = {}
-        for task in dict.fromkeys(own[wording]):
-            rows = np.array([i for i, name in enumerate(own[wording]) if name == task])
-            by_task[task] = {
-                f"top{k}": retrieval_accuracy(sims[rows], list(own_idx[rows]), k) for k in (1, 3)
-            } | {"n": len(rows)}
-        report[wording] = {"per_task": by_task}
+
+        report[wording] = {
+            "per_task": {
+                task: _accuracy(
+                    sims, own_idx, np.array([i for i, name in enumerate(own[wording]) if name == task])
+                )
+                for task in dict.fromkeys(own[wording])
+            }
+        }
         for group, members in (("unseen", unseen), ("seen", seen)):
             rows = np.array([i for i, name in enumerate(own[wording]) if name in members])
             if len(rows):
-                report[wording][group] = {
-                    f"top{k}": retrieval_accuracy(sims[rows], list(own_idx[rows]), k) for k in (1, 3)
-                } | {"n": len(rows)}
+                report[wording][group] = _accuracy(sims, own_idx, rows)
     return report
+
+
+def _accuracy(sims: dict[str, np.ndarray], own_idx: np.ndarray, rows: np.ndarray) -> dict[str, Any]:
+    """Top-1/top-3 of the queries ``rows`` on the fused scores, and per part (``text``, ``image``) when given."""
+    from lora_retriever.eval import retrieval_accuracy
+
+    def top(part: str) -> dict[str, float]:
+        return {f"top{k}": retrieval_accuracy(sims[part][rows], list(own_idx[rows]), k) for k in (1, 3)}
+
+    return top("fused") | {part: top(part) for part in ("text", "image") if part in sims} | {"n": len(rows)}
 
 
 def report_markdown(report: dict[str, Any]) -> str:
@@ -394,6 +416,11 @@ def report_markdown(report: dict[str, Any]) -> str:
                 f"| {group} | {wording} | {b['n']} | {b['top1']:.3f} | {a['top1']:.3f} | {b['top3']:.3f} | "
                 f"{a['top3']:.3f} |"
             )
+            if "text" in b:  # a multimodal pool: the text part alone (the part training changes)
+                lines.append(
+                    f"| {group}, text only | {wording} | {b['n']} | {b['text']['top1']:.3f} | "
+                    f"{a['text']['top1']:.3f} | {b['text']['top3']:.3f} | {a['text']['top3']:.3f} |"
+                )
     training = report["training"]
     lines += [
         "",
