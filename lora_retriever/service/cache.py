@@ -144,7 +144,7 @@ class AdapterCache:
                     self._lru.move_to_end(name)
                     self.metrics.cache_hits.inc()
                 else:
-                    self._check_room(keep=set(names))
+                    self._make_room(keep=set(names))
                     self.metrics.cache_misses.inc()
                     self._load(name, keep=set(names))
                 self._in_use[name] = self._in_use.get(name, 0) + 1
@@ -239,10 +239,15 @@ class AdapterCache:
             self.model.delete_adapter(name)
             raise
 
-    def _check_room(self, keep: set[str]) -> None:
-        """Before loading one more adapter: refuse if the count budget is full of adapters that can't go."""
-        if len(self._lru) >= self.max_resident and not any(self._evictable(keep)):
-            raise self._budget_error()
+    def _make_room(self, keep: set[str]) -> None:
+        """Before loading one more adapter: evict down to ``max_resident - 1`` so the model never holds more than
+        the count budget, even while loading; refuse if the adapters that fill it can't go. (The byte budget is
+        enforced after the load, when the adapter's size in the model is known.)"""
+        while len(self._lru) >= self.max_resident:
+            victim = next(iter(self._evictable(keep)), None)
+            if victim is None:
+                raise self._budget_error()
+            self._evict_one(victim)
 
     def _evictable(self, keep: set[str]) -> Iterable[str]:
         return (n for n in self._lru if n not in self._pinned and n not in self._in_use and n not in keep)
@@ -260,10 +265,13 @@ class AdapterCache:
             victim = next(iter(self._evictable(keep)), None)
             if victim is None:
                 raise self._budget_error()
-            del self._lru[victim]
-            self.model.delete_adapter(victim)
-            self.metrics.cache_evictions.inc()
-            logger.debug("evicted adapter %r", victim)
+            self._evict_one(victim)
+
+    def _evict_one(self, victim: str) -> None:
+        del self._lru[victim]
+        self.model.delete_adapter(victim)
+        self.metrics.cache_evictions.inc()
+        logger.debug("evicted adapter %r", victim)
 
     def _adapter_bytes(self, name: str) -> int:
         total = 0

@@ -155,3 +155,22 @@ def test_in_use_counts_balance_across_overlapping_batches(disk_pool):
     cache.release(["a0001"])
     cache.acquire(["a0003", "a0004"])  # both earlier ones are free to go
     assert sorted(cache.resident) == ["a0003", "a0004"]
+
+
+def test_model_never_holds_more_than_the_budget_even_while_loading(disk_pool):
+    """The count budget is made room for before a load: at the moment each adapter's files are located (just
+    before they are read into the model) the model holds at most ``budget - 1`` adapters."""
+    base, dirs = disk_pool
+    model = SwiftModel(copy.deepcopy(base))
+    held_at_load = []
+
+    def locate(name):
+        held_at_load.append(len(model.adapter_names))
+        return dirs[name]
+
+    cache = AdapterCache(model, locate, max_resident=4, max_bytes=2**30)
+    for j in range(12):
+        cache.acquire([f"a{j:04d}", f"a{j + 1:04d}"])
+        cache.release([f"a{j:04d}", f"a{j + 1:04d}"])
+    assert len(held_at_load) == 13 and max(held_at_load) == 3
+    assert len(model.adapter_names) == 4 and cache.stats()["evictions"] == 9
