@@ -5,14 +5,14 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
-EXTRAS := dev,retrieval,tasks,train,plots,internvl2,service
+EXTRAS := dev,retrieval,tasks,train,plots,internvl2,service,browser
 LOCK_VENV := .lock-venv
 
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv lock test test-slow lint format demo demo-vlm eval-paper bench serve clean
+.PHONY: venv lock test test-slow lint format demo demo-vlm eval-paper bench serve browser clean
 
 venv: $(STAMP)
 
@@ -67,6 +67,15 @@ bench: venv
 SERVE_ARGS ?=
 serve: venv
 	$(PY) -m lora_retriever.service $(SERVE_ARGS)
+
+# Debian's chromium for the dashboard's browser tests (Playwright drives it: its own browser download can't
+# work here); installed only when missing. CI runs as root; elsewhere it asks sudo.
+CHROMIUM ?= /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@test -x $(CHROMIUM) || { $(SUDO) apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium chromium-driver; }
+	@$(CHROMIUM) --version
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -54,6 +54,7 @@ from lora_retriever.training.data import (
 )
 from lora_retriever.training.model import add_lora, load_base_model
 from lora_retriever.training.registry import register_trained_adapter
+from lora_retriever.training.tensorboard import TENSORBOARD_DIR, ScalarWriter
 from swift.utils import get_logger
 from swift.utils.files import atomic_write, ensure_writable_dir
 
@@ -210,6 +211,12 @@ def _run(
     )
 
     start_step, start_seconds = state.step, state.train_seconds
+    # resumed: the steps after the checkpoint's are written again, so TensorBoard drops their old events
+    board = ScalarWriter(output_dir / TENSORBOARD_DIR, purge_step=state.step + 1 if checkpoint else None)
+    if checkpoint is None:
+        board.add(
+            0, {"eval/loss": state.eval_loss_before, "eval/perplexity": _perplexity(state.eval_loss_before)}
+        )
     _train_steps(
         model,
         optimizer,
@@ -222,6 +229,7 @@ def _run(
         steps_per_epoch=steps_per_epoch,
         pad_token_id=pad_token_id,
         on_step=on_step,
+        board=board,
     )
     seconds = state.train_seconds - start_seconds
 
@@ -230,6 +238,8 @@ def _run(
         logger.info(
             "eval after training: loss %.4f, perplexity %.2f", eval_loss_after, _perplexity(eval_loss_after)
         )
+    board.add(state.step, {"eval/loss": eval_loss_after, "eval/perplexity": _perplexity(eval_loss_after)})
+    board.close()
     model.save_pretrained(str(output_dir))
     logger.info("saved adapter to %s", output_dir)
 
@@ -293,6 +303,7 @@ def _train_steps(
     steps_per_epoch: int,
     pad_token_id: int,
     on_step: StepCallback | None,
+    board: ScalarWriter | None = None,
 ) -> None:
     from tqdm.auto import tqdm
 
@@ -348,6 +359,10 @@ def _train_steps(
                     loss,
                     lr,
                     "" if grad_norm is None else f" grad_norm {grad_norm:.3f}",
+                )
+            if board is not None:
+                board.add(
+                    state.step, {"train/loss": loss, "train/learning_rate": lr, "train/grad_norm": grad_norm}
                 )
             if config.save_steps and state.step % config.save_steps == 0:
                 save_checkpoint(
