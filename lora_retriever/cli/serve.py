@@ -25,7 +25,14 @@ __all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return command_parser(__doc__, ServiceConfig)
+    parser = command_parser(__doc__, ServiceConfig)
+    parser.add_argument(
+        "--new_key",
+        metavar="SCOPE[:LABEL]",
+        help="print a new API key (line 1: give it to the client) and its entry (line 2: configure it with "
+        "--api_key, LORA_RETRIEVER_API_KEYS or --api_keys_file), then exit; scope read or admin",
+    )
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -35,6 +42,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from lora_retriever.service.server import serve
 
+    if args.new_key is not None:
+        from lora_retriever.service.auth import new_key
+
+        scope, _, label = args.new_key.partition(":")
+        key, entry = new_key(scope, label or None)
+        print(key)
+        print(entry)
+        return 0
     config = config_from_args(ServiceConfig, args)
     serve(config, log_level="debug" if args.verbose or args.debug else "warning" if args.quiet else "info")
     return 0

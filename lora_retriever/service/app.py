@@ -14,8 +14,14 @@
 ``POST /merge``               fuse adapters (a fusion method) into a new registered adapter
 ``POST /train``, ``/evaluate`` queue a job (worker process); ``GET /jobs``, ``GET /jobs/{id}``,
                               ``POST /jobs/{id}/cancel``, ``POST /jobs/{id}/resume``
-``GET /health``, ``/metrics`` liveness and Prometheus text
+``GET /health``, ``/metrics`` liveness (open to all) and Prometheus text
+``GET /whoami``               the scope (and label) of the API key presented
 =========================== ============================================================================
+
+API keys (``auth``): with keys configured, every route but ``/health`` (and the OpenAPI docs) needs
+``Authorization: Bearer <key>``; registering, uploading, deleting and merging adapters, training, evaluating
+and cancelling or resuming jobs need the ``admin`` scope, everything else ``read``. Request bodies are capped
+(``max_body_mb``; ``max_upload_mb`` for archives) whether or not the client declares their length.
 
 Every generation response (and the last chunk of a stream) carries ``adapters``: the adapters, weights and
 similarities actually used. Errors are OpenAI's JSON shape ``{"error": {"message", "type", "param", "code"}}``
@@ -30,17 +36,20 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lora_retriever.retriever import RetrievedAdapter
 from lora_retriever.service import admin
+from lora_retriever.service.auth import ADMIN, READ, ApiKey, KeyRing
 from lora_retriever.service.engine import AUTO_MODEL, MIXTURE_MODEL, Engine
 from lora_retriever.service.errors import ServiceError
 from lora_retriever.service.jobs import JobRunner, evaluation_params, resume_params, training_params
+from lora_retriever.service.limits import BodyLimit, BodyTooLarge
 from lora_retriever.service.scheduler import Completion, GenerationRequest, RequestHandle, TextDelta
 from lora_retriever.service.schemas import (
     ChatCompletionRequest,
@@ -57,7 +66,12 @@ logger = get_logger(__name__)
 
 __all__ = ["create_app", "error_body"]
 
-MAX_BODY_BYTES = 4 * 2**20
+UPLOAD_PATH = "/adapters/archive"
+_BEARER = HTTPBearer(
+    auto_error=False,
+    scheme_name="api_key",
+    description="an API key of the server (scope read or admin): Authorization: Bearer <key>",
+)
 
 
 def error_body(
@@ -76,25 +90,29 @@ def _adapters_json(adapters: list[RetrievedAdapter]) -> list[dict[str, Any]]:
     ]
 
 
-def create_app(engine: Engine, jobs: JobRunner | None = None) -> FastAPI:
-    """The FastAPI app over ``engine`` and, if given, a ``JobRunner`` (the caller starts and stops both)."""
+def create_app(engine: Engine, jobs: JobRunner | None = None, *, api_keys: KeyRing | None = None) -> FastAPI:
+    """The FastAPI app over ``engine`` and, if given, a ``JobRunner`` (the caller starts and stops both).
+
+    ``api_keys``: the accepted keys (default: those of ``engine.config``; an empty ``KeyRing`` turns auth off).
+    """
     app = FastAPI(title="LoraRetriever service", version="0.1.0")
     app.state.engine = engine
     metrics = engine.metrics
+    keys = KeyRing.from_config(engine.config) if api_keys is None else api_keys
+    config = engine.config
+
+    def body_limit(path: str) -> int:
+        return int((config.max_upload_mb if path == UPLOAD_PATH else config.max_body_mb) * 2**20)
+
+    app.add_middleware(
+        BodyLimit,
+        limit_for=body_limit,
+        error_body=lambda message: error_body(message, param="body", code="body_too_large"),
+    )
 
     @app.middleware("http")
-    async def count_and_limit(request: Request, call_next):
-        length = request.headers.get("content-length")
-        limit = (
-            engine.config.max_upload_mb * 2**20 if request.url.path == "/adapters/archive" else MAX_BODY_BYTES
-        )
-        if length is not None and length.isdigit() and int(length) > limit:
-            response = JSONResponse(
-                error_body(f"request body of {length} bytes exceeds the limit of {int(limit)}", param="body"),
-                status_code=413,
-            )
-        else:
-            response = await call_next(request)
+    async def count(request: Request, call_next):
+        response = await call_next(request)
         route = request.scope.get("route")
         path = getattr(route, "path", "unmatched")
         metrics.requests.inc(endpoint=path, status=str(response.status_code))
@@ -103,8 +121,28 @@ def create_app(engine: Engine, jobs: JobRunner | None = None) -> FastAPI:
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, err: ServiceError) -> JSONResponse:
         return JSONResponse(
-            error_body(err.message, type_=err.type, param=err.param, code=err.code), status_code=err.status
+            error_body(err.message, type_=err.type, param=err.param, code=err.code),
+            status_code=err.status,
+            headers=err.headers,
         )
+
+    @app.exception_handler(BodyTooLarge)
+    async def body_too_large(request: Request, err: BodyTooLarge) -> JSONResponse:
+        return JSONResponse(error_body(err.detail, param="body", code="body_too_large"), status_code=413)
+
+    def scope_required(scope: str) -> Any:
+        """A dependency: the presented key's entry (``None`` when auth is off), checked to grant ``scope``."""
+
+        async def check(
+            request: Request,
+            _: Annotated[HTTPAuthorizationCredentials | None, Security(_BEARER)],  # documents the scheme
+        ) -> ApiKey | None:
+            return keys.authorize(request.headers.get("authorization"), scope)
+
+        return Depends(check)
+
+    read_key = scope_required(READ)
+    read, admin_only = [read_key], [scope_required(ADMIN)]
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
@@ -169,7 +207,7 @@ def create_app(engine: Engine, jobs: JobRunner | None = None) -> FastAPI:
     def extension(request: GenerationRequest, done: Completion) -> dict[str, Any]:
         return {"batch_size": done.batch_size, "queue_ms": round(done.queue_seconds * 1000, 2)}
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", dependencies=read)
     async def chat_completions(body: ChatCompletionRequest):
         messages = []
         for i, message in enumerate(body.messages):
@@ -245,7 +283,7 @@ def create_app(engine: Engine, jobs: JobRunner | None = None) -> FastAPI:
         async for chunk in _chunks(handle, base, request, include_usage, choice):
             yield chunk
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", dependencies=read)
     async def completions(body: CompletionRequest):
         prompts = body.prompts()
         if body.stream and len(prompts) > 1:
@@ -283,7 +321,7 @@ def create_app(engine: Engine, jobs: JobRunner | None = None) -> FastAPI:
 
         return _chunks(handle, {**head, "object": "text_completion"}, request, include_usage, choice)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", dependencies=read)
     async def models():
         created = int(time.time())
         data = [
@@ -323,11 +361,11 @@ def create_app(engine: Engine, jobs: JobRunner | None = None) -> FastAPI:
 
     # -- adapters and retrieval -------------------------------------------------------------------------------
 
-    @app.get("/adapters")
+    @app.get("/adapters", dependencies=read)
     async def list_adapters():
         return {"adapters": engine.list_adapters()}
 
-    @app.post("/adapters", status_code=201)
+    @app.post("/adapters", status_code=201, dependencies=admin_only)
     async def register_adapter(body: RegisterAdapterRequest):
         stored = await run_in_threadpool(
             lambda: admin.register_adapter(
@@ -342,20 +380,15 @@ def create_app(engine: Engine, jobs: JobRunner | None = None) -> FastAPI:
         )
         return {"adapter": stored}
 
-    @app.post("/adapters/archive", status_code=201)
+    @app.post(UPLOAD_PATH, status_code=201, dependencies=admin_only)
     async def upload_adapter(
         request: Request, name: str, samples: Annotated[list[str], Query()], description: str = ""
     ):
         """Body: a .tar / .tar.gz / .zip of one PEFT adapter directory (size-limited; links and paths that leave
         the folder are refused); ``samples`` (repeatable query parameter) are the texts its key embeds."""
-        limit = int(engine.config.max_upload_mb * 2**20)
         data = bytearray()
-        async for chunk in request.stream():
+        async for chunk in request.stream():  # BodyLimit stops it past max_upload_mb
             data += chunk
-            if len(data) > limit:
-                raise ServiceError(
-                    f"the archive exceeds the upload limit of {limit} bytes", status=413, param="body"
-                )
         stored = await run_in_threadpool(
             lambda: admin.register_archive(
                 engine, name, bytes(data), samples=samples, description=description
@@ -363,12 +396,12 @@ def create_app(engine: Engine, jobs: JobRunner | None = None) -> FastAPI:
         )
         return {"adapter": stored}
 
-    @app.delete("/adapters/{name}")
+    @app.delete("/adapters/{name}", dependencies=admin_only)
     async def delete_adapter(name: str):
         await run_in_threadpool(admin.delete_adapter, engine, name)
         return {"deleted": name}
 
-    @app.post("/merge", status_code=201)
+    @app.post("/merge", status_code=201, dependencies=admin_only)
     async def merge(body: MergeRequest):
         stored = await run_in_threadpool(
             lambda: admin.merge_adapters(
@@ -389,42 +422,42 @@ def create_app(engine: Engine, jobs: JobRunner | None = None) -> FastAPI:
             raise ServiceError("this server runs no jobs (started without a job runner)", status=404)
         return jobs
 
-    @app.post("/train", status_code=202)
+    @app.post("/train", status_code=202, dependencies=admin_only)
     async def train(body: TrainRequest):
         params = await run_in_threadpool(training_params, engine, body)
         return runner().submit("train", params)
 
-    @app.post("/evaluate", status_code=202)
+    @app.post("/evaluate", status_code=202, dependencies=admin_only)
     async def evaluate(body: EvaluateRequest):
         params = await run_in_threadpool(evaluation_params, engine, body)
         return runner().submit("evaluate", params)
 
-    @app.get("/jobs")
+    @app.get("/jobs", dependencies=read)
     async def list_jobs():
         return {"jobs": runner().store.list()}
 
-    @app.get("/jobs/{job_id}")
+    @app.get("/jobs/{job_id}", dependencies=read)
     async def get_job(job_id: str):
         job = runner().view(job_id)
         if job is None:
             raise ServiceError(f"no job {job_id!r}", status=404, param="job_id")
         return job
 
-    @app.post("/jobs/{job_id}/cancel")
+    @app.post("/jobs/{job_id}/cancel", dependencies=admin_only)
     async def cancel_job(job_id: str):
         try:
             return await run_in_threadpool(runner().cancel, job_id)
         except KeyError:
             raise ServiceError(f"no job {job_id!r}", status=404, param="job_id") from None
 
-    @app.post("/jobs/{job_id}/resume", status_code=202)
+    @app.post("/jobs/{job_id}/resume", status_code=202, dependencies=admin_only)
     async def resume_job(job_id: str):
         job = runner().store.get(job_id)
         if job is None:
             raise ServiceError(f"no job {job_id!r}", status=404, param="job_id")
         return runner().submit("train", resume_params(job))
 
-    @app.post("/retrieve")
+    @app.post("/retrieve", dependencies=read)
     async def retrieve(body: RetrieveRequest):
         try:
             texts = body.texts()
@@ -437,7 +470,14 @@ def create_app(engine: Engine, jobs: JobRunner | None = None) -> FastAPI:
     async def health():
         return engine.health()
 
-    @app.get("/metrics", response_class=PlainTextResponse)
+    @app.get("/whoami")
+    async def whoami(key: ApiKey | None = read_key):
+        """The presented key's scope and label (``auth`` false: no keys are configured, every route is open)."""
+        if key is None:
+            return {"auth": False, "scope": ADMIN, "label": None}
+        return {"auth": True, "scope": key.scope, "label": key.label}
+
+    @app.get("/metrics", response_class=PlainTextResponse, dependencies=read)
     async def prometheus():
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 

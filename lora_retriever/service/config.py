@@ -7,20 +7,35 @@ under ``data_dir``. ``check_startup`` validates everything that can be checked b
 
 from __future__ import annotations
 
+import ipaddress
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from lora_retriever.embedders.config import DTYPES, EmbedderConfig
 from lora_retriever.retriever import WEIGHT_MODES
+from lora_retriever.service.auth import KeyRing
 from swift.llm.model import DEFAULT_MODEL_TYPE, MODEL_TYPE_CHOICES
 
-__all__ = ["DEMO_POOL", "REGISTRY_NAME", "ServiceConfig"]
+__all__ = ["DEMO_POOL", "REGISTRY_NAME", "ServiceConfig", "is_loopback"]
 
 #: The pool the embedded default serves: the one ``make demo`` builds (``DemoSettings.work_dir`` + ``pool``).
 DEMO_POOL = "data/demo/pool/pool.json"
 #: The service's own pool config (adapters registered over HTTP), inside ``data_dir``.
 REGISTRY_NAME = "pool.json"
 _EMBEDDER_FIELDS = {f.name: f for f in fields(EmbedderConfig)}
+#: Settings that are paths ("~" is expanded in them).
+_PATH_FIELDS = ("model_path", "pools", "data_dir", "embedder_path", "api_keys_file")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only accepts connections from this machine (``localhost``, 127.0.0.0/8, ``::1``)."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any interface
 
 
 @dataclass
@@ -97,6 +112,29 @@ class ServiceConfig:
     max_upload_mb: float = field(
         default=256.0, metadata={"help": "largest adapter archive POST /adapters/archive takes (MB)"}
     )
+    max_body_mb: float = field(
+        default=4.0,
+        metadata={"help": "largest request body of every other route (MB); larger ones get a 413"},
+    )
+    api_keys: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "an accepted API key's entry SCOPE:SHA256[:LABEL], scope read or admin (--new_key SCOPE "
+            "prints a key and its entry; repeatable). No keys: every route is open",
+            "flag": "api_key",
+            "action": "append",
+            "metavar": "ENTRY",
+        },
+    )
+    api_keys_file: str | None = field(
+        default=None, metadata={"help": "a file of API key entries, one a line (# comments)"}
+    )
+    allow_no_auth: bool = field(
+        default=False,
+        metadata={
+            "help": "serve without API keys on a host that is not loopback (anyone who reaches it is admin)"
+        },
+    )
     job_workers: int = field(default=1, metadata={"help": "training / evaluation jobs run at once"})
     embedder: str = field(
         default=_EMBEDDER_FIELDS["backend"].default, metadata=_EMBEDDER_FIELDS["backend"].metadata
@@ -108,6 +146,12 @@ class ServiceConfig:
     def __post_init__(self) -> None:
         if isinstance(self.pools, str):
             self.pools = [self.pools]
+        for name in _PATH_FIELDS:  # "~" expands in every path, however it was given
+            value = getattr(self, name)
+            if isinstance(value, list):
+                setattr(self, name, [os.path.expanduser(v) for v in value])
+            elif value is not None:
+                setattr(self, name, os.path.expanduser(value))
         for name in (
             "max_batch_size",
             "top_k",
@@ -129,6 +173,8 @@ class ServiceConfig:
             raise ValueError(f"max_total_weight must be > 0, got {self.max_total_weight!r}")
         if not self.max_upload_mb > 0:
             raise ValueError(f"max_upload_mb must be > 0, got {self.max_upload_mb!r}")
+        if not self.max_body_mb > 0:
+            raise ValueError(f"max_body_mb must be > 0, got {self.max_body_mb!r}")
         if not self.adapter_memory_mb > 0:
             raise ValueError(f"adapter_memory_mb must be > 0, got {self.adapter_memory_mb!r}")
         if self.default_max_tokens > self.max_tokens_limit:
@@ -147,6 +193,13 @@ class ServiceConfig:
         if not self.data_dir:
             raise ValueError("data_dir is empty; pass --data_dir DIR")
         self.embedder_config()  # validates the embedder settings
+        KeyRing.from_entries(self.api_keys, "api_keys")  # the entries' form (the file is read at start-up)
+        if not (self.api_keys or self.api_keys_file or self.allow_no_auth or is_loopback(self.host)):
+            raise ValueError(
+                f"host {self.host!r} is not a loopback address and no API keys are configured, so anyone who reaches "
+                "it could train, register and delete adapters; give keys (--api_key ENTRY, --api_keys_file FILE or "
+                "LORA_RETRIEVER_API_KEYS; --new_key admin prints one) or pass --allow_no_auth"
+            )
 
     @property
     def pool_configs(self) -> list[Path]:

@@ -10,7 +10,8 @@ import threading
 import time
 from typing import Any
 
-from lora_retriever.service.config import ServiceConfig
+from lora_retriever.service.auth import KeyRing
+from lora_retriever.service.config import ServiceConfig, is_loopback
 from lora_retriever.service.engine import Engine
 from swift.utils import get_logger
 
@@ -20,17 +21,30 @@ __all__ = ["ServerThread", "make_job_runner", "serve"]
 
 
 def serve(config: ServiceConfig, *, log_level: str = "info") -> None:
-    """Validate, load the model, and serve until interrupted (Ctrl-C / SIGTERM)."""
+    """Validate (the API keys too), load the model, and serve until interrupted (Ctrl-C / SIGTERM)."""
     import uvicorn
 
     from lora_retriever.service.app import create_app
 
+    keys = KeyRing.from_config(config)
+    if not keys:
+        logger.warning(
+            "no API keys configured: every route, training and adapter deletion included, is open to anyone who "
+            "can reach %s:%d%s; `lora-retriever-serve --new_key admin` prints a key to configure",
+            config.host,
+            config.port,
+            "" if is_loopback(config.host) else " (--allow_no_auth on a non-loopback host)",
+        )
+    else:
+        logger.info(
+            "API keys: %d configured (%s)", len(keys), ", ".join(sorted({k.scope for k in keys.keys}))
+        )
     engine = Engine.from_config(config)
     jobs = make_job_runner(engine)
     engine.start()
     jobs.start()
     try:
-        app = create_app(engine, jobs)
+        app = create_app(engine, jobs, api_keys=keys)
         logger.info(
             "serving %s with %d adapters on http://%s:%d (OpenAI base_url: http://%s:%d/v1)",
             engine.base_name,
@@ -65,7 +79,8 @@ class ServerThread:
     """A uvicorn server for ``engine`` on ``host``:``port`` (0: a free port) in a daemon thread.
 
     Use as a context manager, or ``start()`` / ``stop()``; ``url`` is ``http://host:port`` once started.
-    The engine's scheduler is started and stopped with the server unless ``manage_engine=False``.
+    The engine's scheduler is started and stopped with the server unless ``manage_engine=False``; ``api_keys``
+    as ``create_app`` takes them (default: the engine config's).
     """
 
     def __init__(
@@ -76,6 +91,7 @@ class ServerThread:
         *,
         manage_engine: bool = True,
         jobs: Any | None = None,
+        api_keys: KeyRing | None = None,
     ):
         import uvicorn
 
@@ -85,7 +101,7 @@ class ServerThread:
         self.manage_engine = manage_engine
         self.jobs = jobs
         config = uvicorn.Config(
-            create_app(engine, jobs),
+            create_app(engine, jobs, api_keys=api_keys),
             host=host,
             port=port,
             log_level="warning",
