@@ -46,6 +46,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lora_retriever.retriever import RetrievedAdapter
 from lora_retriever.service import admin
 from lora_retriever.service.auth import ADMIN, READ, ApiKey, KeyRing
+from lora_retriever.service.dashboard import mount_dashboard
 from lora_retriever.service.engine import AUTO_MODEL, MIXTURE_MODEL, Engine
 from lora_retriever.service.errors import ServiceError
 from lora_retriever.service.jobs import JobRunner, evaluation_params, resume_params, training_params
@@ -481,6 +482,7 @@ def create_app(engine: Engine, jobs: JobRunner | None = None, *, api_keys: KeyRi
     async def prometheus():
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    mount_dashboard(app, engine, jobs, auth=bool(keys), read=read, admin=admin_only)  # the pages at /ui/
     return app
 
 
