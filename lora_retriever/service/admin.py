@@ -41,7 +41,7 @@ def check_new_name(engine: Engine, name: str) -> None:
     """
     from lora_retriever.service.engine import AUTO_MODEL, MIXTURE_MODEL
 
-    if not isinstance(name, str) or not ADAPTER_NAME.match(name):
+    if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
         raise ServiceError(
             f"adapter name {name!r} must be 1-100 letters, digits, '_' or '-', starting with a letter or digit",
             param="name",

@@ -31,6 +31,7 @@ with a 4xx status for anything the client can fix.
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -147,12 +148,13 @@ def create_app(engine: Engine, jobs: JobRunner | None = None, *, api_keys: KeyRi
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
-        first = err.errors()[0] if err.errors() else {}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        param = ".".join(loc) or None
-        message = f"{param or 'body'}: {first.get('msg', 'invalid request')}"
+        # The deepest error is the most specific (a union such as str | list reports one error per branch).
+        first = max(err.errors(), key=lambda e: len(e.get("loc", ())), default={})
         if first.get("type") == "json_invalid":
-            message = f"the body is not valid JSON ({first.get('msg')})"
+            message = f"the body is not valid JSON ({first.get('ctx', {}).get('error') or first.get('msg')})"
+            return JSONResponse(error_body(message, param="body", code="invalid_json"), status_code=400)
+        param = _param(first.get("loc", ()))
+        message = f"{param}: {first.get('msg', 'invalid request')}"
         return JSONResponse(error_body(message, param=param, code="invalid_value"), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
@@ -484,6 +486,22 @@ def create_app(engine: Engine, jobs: JobRunner | None = None, *, api_keys: KeyRi
 
     mount_dashboard(app, engine, jobs, auth=bool(keys), read=read, admin=admin_only)  # the pages at /ui/
     return app
+
+
+def _param(loc: tuple) -> str:
+    """The field a validation error names, dotted (``messages.0.content``): pydantic's location without the
+    ``body`` root and the union-branch tags it inserts (``str``, ``list[ContentPart]``); ``body`` for the whole."""
+    if loc and loc[0] in ("body", "query", "path", "header", "cookie"):
+        loc = loc[1:]
+    parts = [
+        str(p)
+        for p in loc
+        if isinstance(p, int) or (re.fullmatch(r"[a-z_][a-z0-9_]*", str(p)) and p not in _TYPE_TAGS)
+    ]
+    return ".".join(parts) or "body"
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "none"}
 
 
 def _openai_reason(done: Completion) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = [
     "AdapterWeight",
@@ -29,28 +29,27 @@ MAX_MESSAGES = 256
 MAX_STOP = 4
 
 
+class _Strict(BaseModel):
+    # Unknown fields are refused (a typo must not be ignored); NaN and infinities too (JSON parsers accept them).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
 class _Lenient(BaseModel):
     # OpenAI clients send fields we don't use (user, metadata, store, ...): accept and ignore those.
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
 
-class AdapterWeight(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class AdapterWeight(_Strict):
     name: str = Field(min_length=1, max_length=200)
     weight: float = 1.0
 
 
-class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
+class ContentPart(_Lenient):
     type: str
     text: str | None = None
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
+class ChatMessage(_Lenient):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart] = Field(max_length=MAX_TEXT)
 
@@ -77,12 +76,13 @@ class _Generation(_Lenient):
     adapters: list[AdapterWeight] | None = Field(default=None, max_length=64)
     top_k: int | None = Field(default=None, ge=1)
 
-    @model_validator(mode="after")
-    def _check_stop(self) -> _Generation:
-        stops = self.stop_list()
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        stops = [stop] if isinstance(stop, str) else stop or []
         if len(stops) > MAX_STOP or any(not s for s in stops):
             raise ValueError(f"stop takes up to {MAX_STOP} non-empty strings")
-        return self
+        return stop
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -99,11 +99,12 @@ class ChatCompletionRequest(_Generation):
     logprobs: bool = Field(default=False)
     tools: list[Any] | None = Field(default=None, max_length=0)
 
-    @model_validator(mode="after")
-    def _check_chat(self) -> ChatCompletionRequest:
-        if self.logprobs:
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, logprobs: bool) -> bool:
+        if logprobs:
             raise ValueError("logprobs is not supported")
-        return self
+        return logprobs
 
 
 class CompletionRequest(_Generation):
@@ -113,32 +114,37 @@ class CompletionRequest(_Generation):
     best_of: int | None = Field(default=None, ge=1, le=1)
     suffix: str | None = Field(default=None, max_length=0)
 
-    @model_validator(mode="after")
-    def _check_completion(self) -> CompletionRequest:
-        if self.echo:
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, echo: bool) -> bool:
+        if echo:
             raise ValueError("echo is not supported")
-        if isinstance(self.prompt, list) and not 1 <= len(self.prompt) <= 16:
+        return echo
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_count(cls, prompt: str | list[str]) -> str | list[str]:
+        if isinstance(prompt, list) and not 1 <= len(prompt) <= 16:
             raise ValueError("prompt takes 1..16 strings")
-        return self
+        return prompt
 
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
 
 
-class RetrieveRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class RetrieveRequest(_Strict):
     input: str | list[str] = Field(max_length=MAX_TEXT)
     top_k: int | None = Field(default=None, ge=1)
     weight_mode: str | None = None  # one of lora_retriever.retriever.WEIGHT_MODES
 
-    @model_validator(mode="after")
-    def _known_weight_mode(self) -> RetrieveRequest:
+    @field_validator("weight_mode")
+    @classmethod
+    def _known_weight_mode(cls, weight_mode: str | None) -> str | None:
         from lora_retriever.retriever import WEIGHT_MODES
 
-        if self.weight_mode is not None and self.weight_mode not in WEIGHT_MODES:
-            raise ValueError(f"weight_mode must be one of {list(WEIGHT_MODES)}, got {self.weight_mode!r}")
-        return self
+        if weight_mode is not None and weight_mode not in WEIGHT_MODES:
+            raise ValueError(f"weight_mode must be one of {list(WEIGHT_MODES)}, got {weight_mode!r}")
+        return weight_mode
 
     def texts(self) -> list[str]:
         texts = [self.input] if isinstance(self.input, str) else list(self.input)
@@ -147,9 +153,7 @@ class RetrieveRequest(BaseModel):
         return texts
 
 
-class RegisterAdapterRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class RegisterAdapterRequest(_Strict):
     name: str = Field(min_length=1, max_length=100)
     path: str = Field(min_length=1, max_length=4096, description="a PEFT adapter directory on the server")
     samples: list[str] | None = Field(
@@ -162,15 +166,13 @@ class RegisterAdapterRequest(BaseModel):
     pin: bool = False
 
 
-class MergeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class MergeRequest(_Strict):
     name: str = Field(min_length=1, max_length=100)
     adapters: list[AdapterWeight] = Field(min_length=1, max_length=64)
     method: str = "cat"
     svd_rank: int | None = Field(default=None, ge=1)
     density: float | None = Field(default=None, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     description: str = Field(default="", max_length=2000)
 
     def adapter_pairs(self) -> list[tuple[str, float]]:
@@ -180,10 +182,8 @@ class MergeRequest(BaseModel):
         return {k: getattr(self, k) for k in ("svd_rank", "density", "seed") if getattr(self, k) is not None}
 
 
-class TrainRequest(BaseModel):
+class TrainRequest(_Strict):
     """A training job: the adapter is written under the data directory and registered when it finishes."""
-
-    model_config = ConfigDict(extra="forbid")
 
     adapter_name: str = Field(min_length=1, max_length=100)
     dataset_path: str = Field(min_length=1, max_length=4096, description="a training file on the server")
@@ -195,14 +195,12 @@ class TrainRequest(BaseModel):
     max_length: int = Field(default=256, ge=8, le=8192)
     target_modules: list[str] = Field(default_factory=lambda: ["all-linear"], min_length=1, max_length=32)
     save_steps: int = Field(default=10, ge=0)
-    seed: int = 42
+    seed: int = Field(default=42, ge=0, le=2**32 - 1)  # numpy's seed range
     description: str = Field(default="", max_length=2000)
 
 
-class EvaluateRequest(BaseModel):
+class EvaluateRequest(_Strict):
     """An evaluation job: ``pipeline.run_inference`` on a server-side JSONL test file over the served pools."""
-
-    model_config = ConfigDict(extra="forbid")
 
     test_data: str = Field(min_length=1, max_length=4096)
     merge_method: str = "mixture"
