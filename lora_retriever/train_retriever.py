@@ -263,6 +263,8 @@ def _train(embedder: Any, texts: dict[str, list[str]], config: RetrieverTrainCon
     from peft import LoraConfig, get_peft_model
     from tqdm.auto import tqdm
 
+    from lora_retriever.training.trainer import linear_schedule
+
     torch.manual_seed(config.seed)
     target = embedder._adapter_target()
     peft_model = get_peft_model(
@@ -277,9 +279,8 @@ def _train(embedder: Any, texts: dict[str, list[str]], config: RetrieverTrainCon
     )
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
-    warmup = max(1, config.steps // 10)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (config.steps - s) / (config.steps - warmup + 1)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(  # the trainer's: 10 % warm-up, then linear decay
+        optimizer, linear_schedule(max(1, config.steps // 10), config.steps)
     )
     tasks = list(texts)
     rng = random.Random(config.seed)
