@@ -255,6 +255,7 @@ def training_params(engine: Any, body: Any) -> dict[str, Any]:
         "batch_size": body.batch_size,
         "max_length": body.max_length,
         "target_modules": list(body.target_modules),
+        "quantization": body.quantization,
         "save_steps": body.save_steps,
         "seed": body.seed,
         "register_pool": str(engine.config.registry_config),

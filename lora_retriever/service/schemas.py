@@ -194,9 +194,19 @@ class TrainRequest(_Strict):
     batch_size: int = Field(default=8, ge=1, le=256)
     max_length: int = Field(default=256, ge=8, le=8192)
     target_modules: list[str] = Field(default_factory=lambda: ["all-linear"], min_length=1, max_length=32)
+    quantization: str = Field(default="none", description="QLoRA: the base model in nf4 or int8, or none")
     save_steps: int = Field(default=10, ge=0)
     seed: int = Field(default=42, ge=0, le=2**32 - 1)  # numpy's seed range
     description: str = Field(default="", max_length=2000)
+
+    @field_validator("quantization")
+    @classmethod
+    def _known_quantization(cls, quantization: str) -> str:
+        from lora_retriever.training.config import QUANTIZATIONS
+
+        if quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {list(QUANTIZATIONS)}, got {quantization!r}")
+        return quantization
 
 
 class EvaluateRequest(_Strict):

@@ -387,6 +387,8 @@ def fused_answer(engine: Any, body: FusionRequest) -> dict[str, Any]:
     from lora_retriever.service.engine import AUTO_MODEL
     from swift.llm import get_template
 
+    if not body.input.strip():
+        raise ServiceError("input is blank; type a question", param="input")
     if body.fusion_method not in available_methods():
         raise ServiceError(
             f"fusion_method must be one of {available_methods()}, got {body.fusion_method!r}",
