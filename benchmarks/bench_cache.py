@@ -230,6 +230,7 @@ def run_workload(
     picks = request_stream(kind, names, args.requests, args.seed)
     requests = [(name, QUESTIONS[i % len(QUESTIONS)]) for i, name in enumerate(picks)]
     engine = make_engine(**setup, data_dir=tmp / f"data_{kind}", budget=args.budget)
+    load_start = os.getloadavg()[0]
     try:
         with ResidencyWatch(engine.model) as watch:
             start = time.perf_counter()
@@ -246,6 +247,7 @@ def run_workload(
     latencies = [r["latency"] for r in results]
     row = {
         "workload": kind,
+        "load_avg": f"{load_start:.1f} -> {os.getloadavg()[0]:.1f}",
         "requests": len(picks),
         "distinct": len(set(picks)),
         "seconds": round(seconds, 1),
@@ -286,7 +288,7 @@ def report(
 ) -> str:
     budget_mb = args.budget * adapter_bytes / 2**20
     columns = [
-        "workload", "requests", "distinct", "seconds", "hit_rate", "hits", "misses", "evictions",
+        "workload", "load_avg", "requests", "distinct", "seconds", "hit_rate", "hits", "misses", "evictions",
         "load_ms_p50", "load_ms_p95", "latency_s_p50", "latency_s_p95", "batch_mean",
         "max_held_polled", "max_resident_gauge", "max_resident_mb", "bank_mb", "answers_equal",
     ]  # fmt: skip
@@ -296,8 +298,9 @@ def report(
         machine_line(machine),
         "",
         f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {machine.get('git_commit')}. "
-        "The machine's 2 cores are **shared** with other jobs (load average above): times are wall-clock and "
-        "swing with that load; hit rates, counts and the budget checks do not.",
+        "The machine's 2 cores are **shared** with other jobs (`load_avg` = the 1-minute load average at the start "
+        "and end of each workload): times are wall-clock and swing with that load; hit rates, counts and the "
+        "budget checks do not.",
         "",
         f"Setup: packaged SmolLM2-135M-Instruct fp32, one torch thread, a service `Engine` (no HTTP); "
         f"{args.adapters} random PEFT adapters on disk (r={args.r} on {', '.join(args.modules)}; "
