@@ -270,12 +270,12 @@ def test_only_used_adapters_are_read():
         slots = [layer.slots["p5"], layer.slots["p40"]]
         expected_rows = [r for slot in slots for r in range(slot.start, slot.start + slot.r)]
         assert cache.plan.union_rows.tolist() == expected_rows  # two adapters of rank 4, nothing else
-        assert cache.a_sel.shape == (3, 8, 4)  # gather kernel: [batch, in, L] with L = one adapter's rank
+        assert cache.kernel == "gather" and cache.a_t.shape == (3, 8, 4)  # [batch, in, L], L = one rank
     assert routing.used_names() == ["p5", "p40"]
     with torch.no_grad(), lora_mixture_context(weights, names, kernel="union"):
         layer(torch.randn(3, 1, 8))
         cache = lora_layers._MIXTURE.get().layers[id(layer)]
-        assert cache.a_sel is None and cache.a_union.shape == (8, 8)  # forced union: [R_U, in], no gather
+        assert cache.kernel == "union" and cache.a_t.shape == (8, 8)  # forced union: [in, R_U], no gather
         assert mixture_kernels() == {"fc": "union"}
 
 

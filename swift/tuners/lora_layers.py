@@ -162,7 +162,7 @@ def _check_finite(t: torch.Tensor, what: str) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
-# "auto" picks per call (``_choose_kernel``); "union" / "gather" force that kernel wherever it applies.
+# "auto" picks per layer (``_choose_kernel``); "union" / "gather" force that kernel wherever it applies.
 MIXTURE_KERNELS = ("auto", "union", "gather")
 
 
@@ -206,7 +206,7 @@ def lora_mixture_context(
         row_index: for activations whose leading dimension is not the batch (e.g. a vision tower that sees
             all images' patches as rows), a map from a module-name prefix to a long tensor giving the sample
             of every leading row. The longest matching prefix wins. ``swift.llm`` builds it for VLMs.
-        kernel: ``"auto"`` (default: each layer picks per call, measured thresholds ``GATHER_MIN_TOKENS`` /
+        kernel: ``"auto"`` (default: each layer picks at its first call, by the measured threshold
             ``GATHER_MIN_UNION_RATIO``), ``"union"`` or ``"gather"`` to force one (benchmarks, exactness tests).
             Both compute the same sum; ``"gather"`` applies only where an activation's leading dimension is
             the batch, so layers under ``row_index`` (vision towers) run ``"union"`` either way.
@@ -284,6 +284,7 @@ class _LayoutPlan:
     union_rows: torch.Tensor  # [R_U] rows of the bank used by the batch
     union_coef: torch.Tensor  # [batch, R_U] w_ij * s_j for each sample and union row
     max_rows: int  # L: most rank rows used by one sample
+    uniform: bool  # every sample has the same coefficients (batch 1, or one routing for all)
     gather_rows: torch.Tensor | None = None  # [batch, L] rows per sample (0 = zero pad), built lazily
     gather_coef: torch.Tensor | None = None  # [batch, L]
 
@@ -309,38 +310,40 @@ def _make_plan(layout: tuple[tuple[int, int, int, float], ...], used_weights: to
     scaled = used_weights[:, columns] * scalings  # [batch, present adapters]
     union_coef = scaled.repeat_interleave(ranks, dim=1).contiguous()  # [batch, R_U]
     per_sample = ((union_coef != 0).sum(dim=1)).max().item() if union_coef.numel() else 0
-    return _LayoutPlan(union_rows, union_coef, int(per_sample))
+    uniform = bool((union_coef == union_coef[:1]).all())
+    return _LayoutPlan(union_rows, union_coef, int(per_sample), uniform)
 
 
 @dataclass
 class _LayerCache:
-    """What one layer keeps for the life of a context: its plan and the union rows it gathered."""
+    """What one layer keeps for the life of a context, built by its first call.
+
+    The routing coefficients ``w_ij * s_j`` are folded into the gathered B rows wherever one row of B serves
+    one coefficient (every gather row; the union rows when all samples share their coefficients), so a call
+    runs two GEMMs and nothing else: ``hidden = x @ A^T``, then ``result += hidden @ B`` in place.
+    """
 
     plan: _LayoutPlan | None
-    a_union: torch.Tensor | None = None  # [R_U, in]
-    b_union: torch.Tensor | None = None  # [R_U, out]
-    coef: torch.Tensor | None = None  # [batch, R_U]
-    a_sel: torch.Tensor | None = None  # [batch, in, L] each sample's own rows (gather kernel)
-    b_sel: torch.Tensor | None = None  # [batch, L, out]
-    gather_coef: torch.Tensor | None = None  # [batch, 1, L]
+    lead: int  # leading dimension of the activations it was built for
+    kernel: str | None = None  # "union" / "gather"; None: no adapter of the batch lives in this layer
+    a_t: torch.Tensor | None = None  # gather: [batch, in, L]; union: [in, R_U] (views of the gathered A rows)
+    b: torch.Tensor | None = None  # gather: [batch, L, out] scaled; union: [R_U, out], scaled when uniform
+    coef: torch.Tensor | None = None  # union with per-sample coefficients: [lead, 1, R_U]; else None
 
 
 # Kernel selection (measured; see docs/decisions.md): once the batch's union of rows is clearly wider than one
 # sample's rows (samples use different adapters), per-sample gather + bmm does R_U / L times fewer FLOPs and
 # wins at every T, decode included (its gathered rows are cached for the context); when samples share
-# adapters, the union GEMM wins. Read-only tuned defaults: to force a kernel, pass ``kernel=`` to the context.
-GATHER_MIN_TOKENS = 1
+# adapters, the union GEMM wins. Read-only tuned default: to force a kernel, pass ``kernel=`` to the context.
 GATHER_MIN_UNION_RATIO = 2.0
 
 
-def _choose_kernel(tokens_per_row: int, plan: _LayoutPlan, per_sample_rows: bool, requested: str) -> str:
-    """``requested`` ("auto" / "union" / "gather") -> the kernel this call runs."""
+def _choose_kernel(plan: _LayoutPlan, per_sample_rows: bool, requested: str) -> str:
+    """``requested`` ("auto" / "union" / "gather") -> the kernel a layer runs for the whole context."""
     if not per_sample_rows:
         return "union"  # rows are not samples (vision tower under row_index): only the union kernel applies
     if requested != "auto":
         return requested
-    if tokens_per_row < GATHER_MIN_TOKENS:
-        return "union"
     if plan.union_rows.numel() < GATHER_MIN_UNION_RATIO * plan.max_rows:
         return "union"
     return "gather"
@@ -471,11 +474,15 @@ class LoraLinear(nn.Module):
         result = self.base_layer(x, *args, **kwargs)
         state = _MIXTURE.get()
         if state is not None:
-            delta = self._mixture_delta(x, state)
-        elif self.active_adapters and not self.disable_adapters:
-            delta = self._active_delta(x)
-        else:
+            cache = state.layers.get(id(self))
+            if cache is None or cache.lead != x.shape[0]:
+                cache = self._prepare(x, state)  # first call in this context: plan and gather once
+            if cache.kernel is None:
+                return result  # no adapter of this batch lives in this layer: exactly the base layer
+            return self._add_mixture(x, result, cache)
+        if not self.active_adapters or self.disable_adapters:
             return result
+        delta = self._active_delta(x)
         if delta is None:
             return result
         if delta.dtype == result.dtype and not torch.is_grad_enabled():
@@ -496,40 +503,59 @@ class LoraLinear(nn.Module):
             delta = term if delta is None else delta + term
         return delta
 
-    def _mixture_delta(self, x: torch.Tensor, state: _MixtureState) -> torch.Tensor | None:
-        cache = state.layers.get(id(self))
-        if cache is None:  # first call in this context (prefill): plan once, reuse at every decode step
-            cache = state.layers[id(self)] = _LayerCache(self._plan(state))
-        plan = cache.plan
-        if plan is None:
-            return None  # no adapter of this batch lives in this layer: exactly the base layer
-        samples = self._row_samples(x, state)  # [lead] sample of every leading row, or None = identity
-        lead = x.shape[0]
-        x3 = x.reshape(lead, -1, self.in_features).to(self.lora_dtype)  # [lead, T, in]
-        kernel = _choose_kernel(x3.shape[1], plan, per_sample_rows=samples is None, requested=state.kernel)
-        state.kernels[self.module_name] = kernel
-        if kernel == "gather":
-            if cache.a_sel is None:  # gathered once per context: decode steps reuse it
-                if plan.gather_rows is None:
-                    plan.build_gather()
-                rows = plan.gather_rows.to(self.lora_A_bank.device)
-                cache.a_sel = self.lora_A_bank[rows].transpose(1, 2).contiguous()  # [batch, in, L]
-                cache.b_sel = self.lora_B_bank[rows]  # [batch, L, out]
-                cache.gather_coef = plan.gather_coef.to(x3.device, self.lora_dtype).unsqueeze(
-                    1
-                )  # [batch, 1, L]
-            hidden = torch.bmm(x3, cache.a_sel) * cache.gather_coef  # [batch, T, L]
-            delta = torch.bmm(hidden, cache.b_sel)  # [batch, T, out]
+    def _add_mixture(self, x: torch.Tensor, result: torch.Tensor, cache: _LayerCache) -> torch.Tensor:
+        """``result + sum_j w_ij s_j B_j A_j x_i``; in place (one GEMM into the output) when no grad is needed."""
+        lead, out = cache.lead, self.out_features
+        if x.dtype != self.lora_dtype:
+            x = x.to(self.lora_dtype)
+        in_place = result.dtype == self.lora_dtype and not torch.is_grad_enabled() and result.is_contiguous()
+        if cache.kernel == "gather":
+            hidden = torch.bmm(x.reshape(lead, -1, self.in_features), cache.a_t)  # [batch, T, L]
+            if in_place:
+                result.view(lead, -1, out).baddbmm_(hidden, cache.b)
+                return result
+            delta = torch.bmm(hidden, cache.b)
         else:
-            if cache.a_union is None:  # gathered once per context: decode steps reuse it
-                rows = plan.union_rows.to(self.lora_A_bank.device)
-                cache.a_union = self.lora_A_bank[rows]  # [R_U, in]
-                cache.b_union = self.lora_B_bank[rows]  # [R_U, out]
-                cache.coef = plan.union_coef.to(x3.device, self.lora_dtype)  # [batch, R_U]
-            coef = cache.coef if samples is None else cache.coef[samples]  # [lead, R_U]
-            hidden = torch.matmul(x3, cache.a_union.t()) * coef.unsqueeze(1)  # [lead, T, R_U]
-            delta = torch.matmul(hidden, cache.b_union)  # [lead, T, out]
-        return delta.reshape(*x.shape[:-1], self.out_features)
+            hidden = torch.mm(x.reshape(-1, self.in_features), cache.a_t)  # [lead * T, R_U]
+            if cache.coef is not None:  # samples weigh the union rows differently
+                rows = hidden.shape[-1]
+                hidden = (hidden.view(lead, -1, rows) * cache.coef).view(-1, rows)
+            if in_place:
+                result.view(-1, out).addmm_(hidden, cache.b)
+                return result
+            delta = torch.mm(hidden, cache.b)
+        return result + delta.view(result.shape).to(result.dtype)
+
+    def _prepare(self, x: torch.Tensor, state: _MixtureState) -> _LayerCache:
+        """This layer's first call in a context: its plan, kernel and gathered rows, kept for every later call."""
+        plan = self._plan(state)
+        cache = _LayerCache(plan, lead=x.shape[0])
+        if plan is not None:
+            samples = self._row_samples(x, state)  # [lead] sample of every leading row, or None = identity
+            cache.kernel = _choose_kernel(plan, per_sample_rows=samples is None, requested=state.kernel)
+            self._gather(cache, samples)
+            state.kernels[self.module_name] = cache.kernel
+        state.layers[id(self)] = cache
+        return cache
+
+    def _gather(self, cache: _LayerCache, samples: torch.Tensor | None) -> None:
+        """Copy the rows ``cache.plan`` names out of the banks, coefficients folded into B where possible."""
+        plan, device, dtype = cache.plan, self.lora_A_bank.device, self.lora_dtype
+        if cache.kernel == "gather":
+            if plan.gather_rows is None:
+                plan.build_gather()
+            rows = plan.gather_rows.to(device)
+            cache.a_t = self.lora_A_bank[rows].transpose(1, 2)  # [batch, in, L]
+            cache.b = self.lora_B_bank[rows].mul_(plan.gather_coef.to(device, dtype).unsqueeze(-1))
+            return
+        rows = plan.union_rows.to(device)
+        cache.a_t = self.lora_A_bank[rows].t()  # [in, R_U]
+        cache.b = self.lora_B_bank[rows]  # [R_U, out]
+        coef = plan.union_coef.to(device, dtype)
+        if plan.uniform:
+            cache.b.mul_(coef[0].unsqueeze(-1))
+        else:
+            cache.coef = (coef if samples is None else coef[samples]).unsqueeze(1)  # [lead, 1, R_U]
 
     def _plan(self, state: _MixtureState) -> _LayoutPlan | None:
         """The index plan for this layer; layers with the same slot layout share one."""
