@@ -27,6 +27,8 @@ __all__ = [
 MAX_TEXT = 100_000  # characters of one message / prompt
 MAX_MESSAGES = 256
 MAX_STOP = 4
+#: Below this, temperature means greedy decoding (as in vLLM): dividing logits by 1e-300 overflows to inf.
+MIN_TEMPERATURE = 1e-5
 
 
 class _Strict(BaseModel):
@@ -63,7 +65,12 @@ class ChatMessage(_Lenient):
 class _Generation(_Lenient):
     model: str = Field(min_length=1, max_length=300)
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    temperature: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=2.0,
+        description=f"0 (or below {MIN_TEMPERATURE:g}, where logits / temperature overflow): greedy; else sampling",
+    )
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
@@ -83,6 +90,10 @@ class _Generation(_Lenient):
         if len(stops) > MAX_STOP or any(not s for s in stops):
             raise ValueError(f"stop takes up to {MAX_STOP} non-empty strings")
         return stop
+
+    def sampling_temperature(self) -> float:
+        """The temperature decoding uses: 0 (greedy) below ``MIN_TEMPERATURE``."""
+        return self.temperature if self.temperature >= MIN_TEMPERATURE else 0.0
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

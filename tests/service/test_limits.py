@@ -198,3 +198,14 @@ def test_no_name_a_client_picks_writes_outside_the_data_dir(http, engine, tmp_pa
 
 def tree(folder: Path) -> list[str]:
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if "journal" not in p.name)
+
+
+def test_a_vanishing_temperature_decodes_greedily(http):
+    """Found by the fuzz: temperature 1e-300 overflowed logits / temperature to inf (a 500); below
+    ``MIN_TEMPERATURE`` decoding is greedy, so the answer equals temperature 0's."""
+    greedy = http.post("/v1/chat/completions", json=chat_body(model="capitals", max_tokens=4, temperature=0))
+    tiny = http.post(
+        "/v1/chat/completions", json=chat_body(model="capitals", max_tokens=4, temperature=1e-300)
+    )
+    assert tiny.status_code == 200, tiny.text
+    assert tiny.json()["choices"][0]["message"] == greedy.json()["choices"][0]["message"]
