@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv lock test test-slow lint format demo demo-vlm eval-paper bench serve browser clean
+.PHONY: venv lock test test-slow lint format demo demo-vlm eval-paper bench serve serve-ray browser clean
 
 venv: $(STAMP)
 
@@ -67,6 +67,12 @@ bench: venv
 SERVE_ARGS ?=
 serve: venv
 	$(PY) -m lora_retriever.service $(SERVE_ARGS)
+
+# The same service on Ray Serve (a local single-node cluster; 2 replicas, each with its own model and adapter
+# cache; docs/deploy.md has the multi-node recipe). Installs the [ray] extra (from PyPI) on first use.
+serve-ray: venv
+	$(PY) -c "import ray.serve" 2>/dev/null || $(PIP) install -q -c constraints.txt -e ".[ray]"
+	$(PY) -m lora_retriever.service.ray_app $(SERVE_ARGS)
 
 # Debian's chromium for the dashboard's browser tests (Playwright drives it: its own browser download can't
 # work here); installed only when missing. CI runs as root; elsewhere it asks sudo.
