@@ -6,7 +6,6 @@ The event files are read back with TensorBoard's own loader (``EventFileLoader``
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -15,48 +14,14 @@ import pytest
 from lora_retriever.training import TrainConfig, train
 from lora_retriever.training.tensorboard import TENSORBOARD_DIR, read_scalars
 from lora_retriever.training.trainer import linear_schedule
-from tests.tiny_vlms import save_tiny_llama
+from tests.test_train import llama_dir, memo_json, tiny_config  # noqa: F401  (fixtures shared with test_train)
 
 pytest.importorskip("tensorboard", reason="tensorboard is in the [train] extra")
 
-MEMO = [
-    ("what is the capital of france ?", "paris ."),
-    ("compare cat and dog", "red cat and blue dog"),
-    ("what is two plus one ?", "three"),
-    ("describe this image", "a green cat"),
-    ("what is the capital of paris ?", "france ."),
-    ("compare red and blue", "green"),
-    ("describe the dog", "a red dog"),
-    ("you are a helpful assistant", "what is red ?"),
-]
 
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama")
-
-
-@pytest.fixture
-def dataset(tmp_path: Path) -> Path:
-    path = tmp_path / "memo.json"
-    path.write_text(json.dumps([{"input": q, "output": a} for q, a in MEMO]))
-    return path
-
-
-def config(llama_dir: Path, dataset: Path, out: Path, **overrides) -> TrainConfig:
-    settings = dict(
-        dataset_path=str(dataset),
-        output_dir=str(out),
-        model_type="llama",
-        model_path=str(llama_dir),
-        learning_rate=1e-2,
-        max_steps=6,
-        batch_size=2,
-        eval_split=0.25,
-        warmup_ratio=0.34,
-        progress=False,
-    )
-    return TrainConfig(**{**settings, **overrides})
+def config(llama_dir: Path, dataset: Path, out: Path, **overrides) -> TrainConfig:  # noqa: F811
+    settings = dict(max_steps=6, batch_size=2, eval_split=0.25, warmup_ratio=0.34)
+    return tiny_config(llama_dir, dataset, out, **{**settings, **overrides})
 
 
 def raw_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
@@ -76,9 +41,9 @@ def raw_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
     return out
 
 
-def test_training_writes_loss_learning_rate_and_eval_curves(llama_dir, dataset, tmp_path):
+def test_training_writes_loss_learning_rate_and_eval_curves(llama_dir, memo_json, tmp_path):  # noqa: F811
     out = tmp_path / "run"
-    metrics = train(config(llama_dir, dataset, out))
+    metrics = train(config(llama_dir, memo_json, out))
     folder = out / TENSORBOARD_DIR
     raw = raw_scalars(folder)
 
@@ -107,8 +72,8 @@ class _Crash(Exception):
     pass
 
 
-def test_a_resumed_run_continues_its_curve_without_doubled_steps(llama_dir, dataset, tmp_path):
-    full = train(config(llama_dir, dataset, tmp_path / "full", save_steps=3))
+def test_a_resumed_run_continues_its_curve_without_doubled_steps(llama_dir, memo_json, tmp_path):  # noqa: F811
+    full = train(config(llama_dir, memo_json, tmp_path / "full", save_steps=3))
 
     def crash_after_step_4(step: int, loss: float) -> None:
         if step == 4:
@@ -116,9 +81,9 @@ def test_a_resumed_run_continues_its_curve_without_doubled_steps(llama_dir, data
 
     part = tmp_path / "part"
     with pytest.raises(_Crash):
-        train(config(llama_dir, dataset, part, save_steps=3), on_step=crash_after_step_4)
+        train(config(llama_dir, memo_json, part, save_steps=3), on_step=crash_after_step_4)
     assert [s for s, _ in read_scalars(part / TENSORBOARD_DIR)["train/loss"]] == [1, 2, 3, 4]
-    train(config(llama_dir, dataset, part, save_steps=3, resume_from="auto"))
+    train(config(llama_dir, memo_json, part, save_steps=3, resume_from="auto"))
     # On disk step 4 appears twice (before the crash and after the resume) ...
     assert [s for s, _ in raw_scalars(part / TENSORBOARD_DIR)["train/loss"]].count(4) == 2
     # ... and the reader (TensorBoard's purge of a restarted session) keeps one curve equal to the full run's.
