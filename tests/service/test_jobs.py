@@ -160,3 +160,61 @@ def test_train_job_is_queued_and_cancelled_over_http(jobs_http, tmp_path):
     assert cancelled["state"] == "cancelled"
     resume = jobs_http.post(f"/jobs/{job_id}/resume")
     assert resume.status_code == 409 and "checkpoint" in resume.json()["error"]["message"]
+
+
+def test_a_training_job_succeeds_and_its_adapter_is_registered_and_serves(jobs_http, tmp_path, engine):
+    """End to end over HTTP: POST /train (the served SmolLM2, 3 steps) -> the worker process trains -> the job
+    is ``succeeded`` with its progress and metrics -> the adapter is registered with a retrieval key, served by
+    name and retrieved for its task. Runs last in this module (the tests above expect only their own jobs)."""
+    data = tmp_path / "sums.jsonl"
+    rows = [{"input": f"What is {i} + {i + 2}?", "output": str(2 * i + 2)} for i in range(20)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    body = {
+        "adapter_name": "sums",
+        "dataset_path": str(data),
+        "max_steps": 3,
+        "batch_size": 2,
+        "max_length": 96,
+        "lora_r": 4,
+        "target_modules": ["q_proj", "v_proj"],
+        "save_steps": 0,
+        "description": "adds two numbers",
+    }
+    submitted = jobs_http.post("/train", json=body)
+    assert submitted.status_code == 202, submitted.text
+    job_id = submitted.json()["id"]
+    deadline = time.monotonic() + 900
+    job = submitted.json()
+    while job["state"] in ("queued", "running") and time.monotonic() < deadline:
+        time.sleep(1.0)
+        job = jobs_http.get(f"/jobs/{job_id}").json()
+    assert job["state"] == "succeeded", (job["state"], job.get("error"), job.get("log_tail"))
+    try:
+        assert job["progress"]["step"] == job["progress"]["total_steps"] == 3
+        metrics = job["metrics"]
+        assert (
+            metrics["steps"] == 3 and len(metrics["train_losses"]) == 3 and metrics["adapter_name"] == "sums"
+        )
+        assert metrics["pool_entry"]["lora_name"] == "sums"
+        out = Path(engine.config.data_dir).resolve() / "adapters" / "sums"
+        assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
+        adapters = {a["name"]: a for a in jobs_http.get("/adapters").json()["adapters"]}
+        assert adapters["sums"]["registered"] and adapters["sums"]["description"] == "adds two numbers"
+        answer = jobs_http.post(
+            "/v1/chat/completions",
+            json={
+                "model": "sums",
+                "messages": [{"role": "user", "content": "What is 5 + 7?"}],
+                "max_tokens": 3,
+            },
+        )
+        assert answer.status_code == 200, answer.text
+        assert [a["name"] for a in answer.json()["adapters"]] == ["sums"]
+        assert answer.json()["usage"]["completion_tokens"] >= 1
+        found = jobs_http.post("/retrieve", json={"input": "What is 8 + 10?", "top_k": 4}).json()["results"][
+            0
+        ]
+        assert "sums" in [a["name"] for a in found["adapters"]]
+    finally:
+        jobs_http.delete("/adapters/sums")
+    assert "sums" not in engine.pool
