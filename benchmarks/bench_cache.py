@@ -45,7 +45,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # tests.service.factories writes the adapters
 
 import torch  # noqa: E402
-from bench_utils import machine_info, machine_line, render_table, setup_logging, write_json  # noqa: E402
+from bench_utils import (  # noqa: E402
+    machine_info,
+    machine_line,
+    quantile,
+    render_table,
+    setup_logging,
+    write_json,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -209,11 +216,6 @@ async def drive(
 
     await asyncio.gather(*(client() for _ in range(clients)))
     return results
-
-
-def quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def bank_bytes(model: Any) -> int:

@@ -31,6 +31,7 @@ __all__ = [
     "machine_info",
     "machine_line",
     "measure_interleaved",
+    "quantile",
     "render_table",
     "setup_logging",
     "write_csv",
@@ -155,6 +156,12 @@ def each(call: Callable[[], float]) -> Sampler:
         return sum(call() for _ in range(number)) / number
 
     return sample
+
+
+def quantile(values: Sequence[float], q: float) -> float:
+    """The ``q`` quantile of ``values`` (nearest rank, no interpolation: a value that was measured)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def measure_interleaved(
