@@ -17,15 +17,17 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from lora_retriever.cli.args import command_parser, config_from_args
+from lora_retriever.cli.args import command_parser, config_kwargs
 from lora_retriever.cli.errors import run_cli
 from lora_retriever.service.config import ServiceConfig
+from lora_retriever.service.settings import add_settings_flags, load_config
 
 __all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = command_parser(__doc__, ServiceConfig)
+    add_settings_flags(parser, ServiceConfig)  # --config FILE; flags > LORA_RETRIEVER_* > file > defaults
     parser.add_argument(
         "--new_key",
         metavar="SCOPE[:LABEL]",
@@ -50,7 +52,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(key)
         print(entry)
         return 0
-    config = config_from_args(ServiceConfig, args)
+    config = load_config(ServiceConfig, cli=config_kwargs(ServiceConfig, args), config_file=args.config)
     serve(config, log_level="debug" if args.verbose or args.debug else "warning" if args.quiet else "info")
     return 0
 
