@@ -479,3 +479,33 @@ def test_cli_writes_the_multimodal_suite(tmp_path, capsys):
             ["--suite", "multimodal", "--out_dir", str(tmp_path / "x"), "--tasks", "capital", "--quiet"]
         )
     assert "unknown multimodal task 'capital'" in capsys.readouterr().err
+
+
+class _TinyDomain:
+    """A generated domain with only three distinct images (as a calendar domain is finite, only larger)."""
+
+    name = "tiny"
+
+    def all_items(self):
+        return None
+
+    def sample(self, rng):
+        from lora_retriever.tasks.multimodal.domains import ImageItem
+
+        value = rng.randint(0, 2)
+        return ImageItem(self.name, str(value), {"value": value}, {})
+
+    def partition(self, item):
+        return "train"
+
+
+def test_an_exhausted_generated_domain_stops_or_goes_round_instead_of_sampling_forever():
+    from lora_retriever.tasks.multimodal.partition import draw_items, iter_partition
+
+    once = list(iter_partition(_TinyDomain(), "train", rng_for("t")))
+    assert sorted(item.key for item in once) == ["0", "1", "2"]
+    cycled = iter_partition(_TinyDomain(), "train", rng_for("t"), cycle=True)
+    keys = [next(cycled).key for _ in range(7)]
+    assert sorted(keys[:3]) == ["0", "1", "2"] and set(keys[3:]) <= {"0", "1", "2"}
+    with pytest.raises(ValueError, match=r"domain 'tiny' has 3 usable images in partition 'train', 5 asked"):
+        draw_items(_TinyDomain(), "train", 5, rng_for("t"))

@@ -16,10 +16,16 @@ from collections.abc import Callable, Hashable, Iterator
 from itertools import count
 
 from lora_retriever.tasks.multimodal.domains import PARTITIONS, ImageDomain, ImageItem
+from swift.utils import get_logger
 
 __all__ = ["draw_items", "iter_partition", "partition_of", "rng_for"]
 
+logger = get_logger(__name__)
+
 MAX_TRIES_PER_ITEM = 400  # a generated domain gives up after this many draws per item asked
+#: a generated domain's partition counts as exhausted after this many draws in a row without a new image
+#: (a finite one, e.g. calendars, would otherwise be sampled forever once every image of it was drawn)
+MAX_MISSES_IN_A_ROW = 100 * MAX_TRIES_PER_ITEM
 
 
 def rng_for(*parts: object) -> random.Random:
@@ -39,7 +45,8 @@ def iter_partition(
     """Distinct images of one partition in a seeded order.
 
     A finite domain yields its partition shuffled, then stops (or, with ``cycle``, reshuffles and goes round
-    again: repeats are fine for pre-training captions). A generated domain yields fresh random images.
+    again: repeats are fine for pre-training captions). A generated domain yields fresh random images until
+    ``MAX_MISSES_IN_A_ROW`` draws in a row bring no new one, then stops (or, with ``cycle``, goes round again).
     """
     if partition not in PARTITIONS:
         raise ValueError(f"partition must be one of {', '.join(PARTITIONS)}, got {partition!r}")
@@ -54,11 +61,26 @@ def iter_partition(
                 return
         return
     seen: set[str] = set()
+    misses = 0
     for _ in count():
         item = domain.sample(rng)
         if item.key not in seen and partition_of(domain, item) == partition:
             seen.add(item.key)
+            misses = 0
             yield item
+            continue
+        misses += 1
+        if misses >= MAX_MISSES_IN_A_ROW:  # the partition's distinct images are (almost surely) all drawn
+            if not cycle:
+                return
+            logger.info(
+                "image domain %r, partition %r: all %d distinct images drawn; going round again",
+                domain.name,
+                partition,
+                len(seen),
+            )
+            seen.clear()
+            misses = 0
 
 
 def draw_items(
