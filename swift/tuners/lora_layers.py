@@ -13,15 +13,20 @@ every ``A_j`` one after another, ``lora_B_bank[rows, out]`` the matching columns
 Row 0 is all zeros and pads ragged gathers. An adapter is a range of rows (its "slot"); a forward reads only
 the rows of the adapters the batch uses, so its cost depends on the batch and k, not on the pool size N.
 
-Kernels (chosen per call, see ``_choose_kernel``; ``lora_mixture_context(..., kernel="union"|"gather")`` forces
-one, and ``mixture_kernels()`` tells which one each layer ran):
+Kernels (chosen per layer at its first call in a context, see ``_choose_kernel``;
+``lora_mixture_context(..., kernel="union"|"gather")`` forces one, and ``mixture_kernels()`` tells which one each
+layer ran):
 
 * ``union``: the union U of rank rows used by the batch, one GEMM ``x @ A_U^T`` and one ``@ B_U``, with a
   per-sample coefficient matrix ``C[sample, row]`` (zero where a sample doesn't use a row). Best when the
-  batch shares adapters and for single-token decode; the gathered ``A_U``/``B_U`` are cached for the whole
-  context, so decode steps pay no gather.
-* ``gather``: per sample, gather its own ``L`` rows (``[batch, L, in]``) and use two ``bmm``. Best for long
-  sequences when samples use different adapters (FLOPs ~ batch * T * L instead of batch * T * |U|).
+  batch shares adapters.
+* ``gather``: per sample, gather its own ``L`` rows (``[batch, L, in]``) and use two ``bmm``. Best when samples
+  use different adapters (FLOPs ~ batch * T * L instead of batch * T * |U|).
+
+A layer gathers its rows once per context (decode steps pay no gather), with the coefficients folded into B
+wherever a row of B serves one coefficient, and adds the second GEMM straight into the base layer's output
+(``addmm_`` / ``baddbmm_``). Sibling layers that the model calls on one input (q/k/v, gate/up: ``siblings``)
+keep their A rows side by side and project that input with one GEMM. See docs/decisions.md §16.
 
 Routing lives in a ``contextvars.ContextVar``: threads and asyncio tasks each see their own routing.
 Outside a context a layer applies its active adapters (PEFT-style), or nothing.
@@ -176,6 +181,7 @@ class _MixtureState:
     used_weights: torch.Tensor = field(init=False)
     plans: dict[tuple, _LayoutPlan] = field(default_factory=dict)  # shared by layers with one layout
     layers: dict[int, _LayerCache] = field(default_factory=dict)  # per layer (by id): plan + gathered rows
+    groups: dict[int, _SiblingGroup | None] = field(default_factory=dict)  # by id of the first sibling
     kernels: dict[str, str] = field(default_factory=dict)  # module name -> kernel its last call ran
 
     def __post_init__(self) -> None:
@@ -329,6 +335,56 @@ class _LayerCache:
     a_t: torch.Tensor | None = None  # gather: [batch, in, L]; union: [in, R_U] (views of the gathered A rows)
     b: torch.Tensor | None = None  # gather: [batch, L, out] scaled; union: [R_U, out], scaled when uniform
     coef: torch.Tensor | None = None  # union with per-sample coefficients: [lead, 1, R_U]; else None
+    samples: torch.Tensor | None = None  # [lead] sample of every leading row; None: the rows are the samples
+    group: _SiblingGroup | None = None  # the siblings whose A rows are projected together with this layer's
+    offset: int = 0  # this layer's first column in the group's projection
+    width: int = 0  # its columns there (L or R_U)
+
+
+@dataclass
+class _SiblingGroup:
+    """Sibling layers (same kernel, same rows -> samples map) whose A rows are gathered side by side.
+
+    The first member called with an input projects it for all members (one GEMM instead of one per member) and
+    keeps the result; a member called with the very same tensor (identity, and version where tracked) reads
+    its columns. If an input serves only the member that projected it, the siblings don't share inputs in this
+    model (e.g. cross-attention): the group stops projecting for the others and each member runs alone.
+    """
+
+    kernel: str
+    a_t: torch.Tensor  # gather: [batch, in, sum L]; union: [in, sum R_U]
+    coef: torch.Tensor | None  # union with per-sample coefficients: [lead, 1, sum R_U]
+    shared: bool = True
+    x: torch.Tensor | None = None  # the input of the last projection
+    version: int | None = None  # its version counter (None for inference tensors, which have none)
+    hidden: torch.Tensor | None = None  # its projection: gather [batch, T, sum L]; union [lead * T, sum R_U]
+    uses: int = 0  # members that read ``hidden`` so far
+
+    def hidden_for(self, x: torch.Tensor, xl: torch.Tensor, lead: int) -> torch.Tensor | None:
+        """The group's projection of ``x`` (``xl``: ``x`` in the LoRA dtype), or None once not shared."""
+        if x is self.x and (self.version is None or self.version == x._version):
+            self.uses += 1
+            return self.hidden
+        if self.uses == 1:  # the previous input served its own member only: inputs aren't shared here
+            self.shared, self.x, self.hidden = False, None, None
+            return None
+        self.hidden = _project(xl, self.a_t, self.coef, lead, self.kernel)
+        self.x, self.version, self.uses = x, None if x.is_inference() else x._version, 1
+        return self.hidden
+
+
+def _project(
+    x: torch.Tensor, a_t: torch.Tensor, coef: torch.Tensor | None, lead: int, kernel: str
+) -> torch.Tensor:
+    """The LoRA-A step: gather ``[batch, T, L]`` (bmm), union ``[lead * T, R_U]`` (mm, times ``coef``)."""
+    in_features = a_t.shape[-2]
+    if kernel == "gather":
+        return torch.bmm(x.reshape(lead, -1, in_features), a_t)
+    hidden = torch.mm(x.reshape(-1, in_features), a_t)
+    if coef is not None:  # samples weigh the union rows differently
+        rows = hidden.shape[-1]
+        hidden = (hidden.view(lead, -1, rows) * coef).view(-1, rows)
+    return hidden
 
 
 # Kernel selection (measured; see docs/decisions.md): once the batch's union of rows is clearly wider than one
@@ -347,6 +403,38 @@ def _choose_kernel(plan: _LayoutPlan, per_sample_rows: bool, requested: str) -> 
     if plan.union_rows.numel() < GATHER_MIN_UNION_RATIO * plan.max_rows:
         return "union"
     return "gather"
+
+
+def _gather_siblings(layers: Sequence[LoraLinear], caches: Sequence[_LayerCache]) -> _SiblingGroup | None:
+    """Gather the rows of sibling layers; those that run alike share one A matrix (a ``_SiblingGroup``).
+
+    Members must run the same kernel on the same rows -> samples map; the others (and layers no adapter of the
+    batch reaches) are gathered alone. Union coefficients are folded into B only if every member can fold.
+    """
+    runs = [(layer, cache) for layer, cache in zip(layers, caches) if cache.kernel is not None]
+    first = runs[0][1] if runs else None
+    members = [
+        (layer, cache)
+        for layer, cache in runs
+        if cache.kernel == first.kernel and cache.samples is first.samples
+    ]
+    grouped = {id(cache) for _, cache in members} if len(members) > 1 else set()
+    fold = first is None or first.kernel == "gather" or all(cache.plan.uniform for _, cache in members)
+    for layer, cache in runs:
+        layer._gather(cache, cache.samples, fold=fold or id(cache) not in grouped)
+    if len(members) < 2:
+        return None
+    a_t = torch.cat([cache.a_t for _, cache in members], dim=-1)  # [batch, in, sum L] / [in, sum R_U]
+    coef = None if fold else torch.cat([cache.coef for _, cache in members], dim=-1)
+    group = _SiblingGroup(first.kernel, a_t, coef)
+    offset = 0
+    for _, cache in members:
+        cache.group, cache.offset = group, offset
+        cache.a_t = a_t.narrow(-1, offset, cache.width)  # views: no second copy of the rows
+        if coef is not None:
+            cache.coef = coef.narrow(-1, offset, cache.width)
+        offset += cache.width
+    return group
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -388,6 +476,9 @@ class LoraLinear(nn.Module):
         # Vision-tower layers see images (or patches) as rows, never the text batch: under a mixture they
         # need an explicit row_index (set by SwiftModel for known vision towers).
         self.requires_row_index = False
+        # Layers the model calls on the very same input tensor (q/k/v, gate/up; set by SwiftModel): under a
+        # mixture their LoRA-A projections run as one GEMM whenever the input is indeed the same tensor.
+        self.siblings: tuple[LoraLinear, ...] = ()
         self._rows_used = 1  # row 0 is the zero pad row
         device = base_layer.weight.device
         self.register_buffer(
@@ -505,41 +596,53 @@ class LoraLinear(nn.Module):
 
     def _add_mixture(self, x: torch.Tensor, result: torch.Tensor, cache: _LayerCache) -> torch.Tensor:
         """``result + sum_j w_ij s_j B_j A_j x_i``; in place (one GEMM into the output) when no grad is needed."""
-        lead, out = cache.lead, self.out_features
-        if x.dtype != self.lora_dtype:
-            x = x.to(self.lora_dtype)
-        in_place = result.dtype == self.lora_dtype and not torch.is_grad_enabled() and result.is_contiguous()
-        if cache.kernel == "gather":
-            hidden = torch.bmm(x.reshape(lead, -1, self.in_features), cache.a_t)  # [batch, T, L]
-            if in_place:
-                result.view(lead, -1, out).baddbmm_(hidden, cache.b)
-                return result
-            delta = torch.bmm(hidden, cache.b)
+        lead, out, gather = cache.lead, self.out_features, cache.kernel == "gather"
+        xl = x if x.dtype == self.lora_dtype else x.to(self.lora_dtype)
+        group = cache.group
+        hidden = group.hidden_for(x, xl, lead) if group is not None and group.shared else None
+        if hidden is None:
+            hidden = _project(xl, cache.a_t, cache.coef, lead, cache.kernel)
         else:
-            hidden = torch.mm(x.reshape(-1, self.in_features), cache.a_t)  # [lead * T, R_U]
-            if cache.coef is not None:  # samples weigh the union rows differently
-                rows = hidden.shape[-1]
-                hidden = (hidden.view(lead, -1, rows) * cache.coef).view(-1, rows)
-            if in_place:
+            hidden = hidden.narrow(-1, cache.offset, cache.width)  # this layer's columns of the group's
+        if result.dtype == self.lora_dtype and not torch.is_grad_enabled() and result.is_contiguous():
+            if gather:
+                result.view(lead, -1, out).baddbmm_(hidden, cache.b)
+            else:
                 result.view(-1, out).addmm_(hidden, cache.b)
-                return result
-            delta = torch.mm(hidden, cache.b)
+            return result
+        delta = torch.bmm(hidden, cache.b) if gather else torch.mm(hidden, cache.b)
         return result + delta.view(result.shape).to(result.dtype)
 
     def _prepare(self, x: torch.Tensor, state: _MixtureState) -> _LayerCache:
-        """This layer's first call in a context: its plan, kernel and gathered rows, kept for every later call."""
+        """This layer's first call in a context: plan, kernel and gathered rows, kept for every later call.
+
+        The first of a set of siblings prepares them all and gathers their A rows side by side.
+        """
+        if self.siblings and id(self.siblings[0]) not in state.groups:
+            caches = [layer._plan_call(x, state) for layer in self.siblings]
+            state.groups[id(self.siblings[0])] = _gather_siblings(self.siblings, caches)
+            return state.layers[id(self)]
+        cache = self._plan_call(x, state)
+        if cache.kernel is not None:
+            self._gather(cache, cache.samples)
+        return cache
+
+    def _plan_call(self, x: torch.Tensor, state: _MixtureState) -> _LayerCache:
+        """Plan, rows -> samples map and kernel for activations like ``x``; registered in the state."""
         plan = self._plan(state)
         cache = _LayerCache(plan, lead=x.shape[0])
         if plan is not None:
-            samples = self._row_samples(x, state)  # [lead] sample of every leading row, or None = identity
-            cache.kernel = _choose_kernel(plan, per_sample_rows=samples is None, requested=state.kernel)
-            self._gather(cache, samples)
+            cache.samples = self._row_samples(x, state)  # [lead] sample of every leading row, or None
+            cache.kernel = _choose_kernel(plan, per_sample_rows=cache.samples is None, requested=state.kernel)
             state.kernels[self.module_name] = cache.kernel
         state.layers[id(self)] = cache
         return cache
 
-    def _gather(self, cache: _LayerCache, samples: torch.Tensor | None) -> None:
-        """Copy the rows ``cache.plan`` names out of the banks, coefficients folded into B where possible."""
+    def _gather(self, cache: _LayerCache, samples: torch.Tensor | None, *, fold: bool = True) -> None:
+        """Copy the rows ``cache.plan`` names out of the banks; coefficients folded into B where possible.
+
+        ``fold=False`` (union kernel only): leave per-sample coefficients to ``cache.coef`` even when uniform.
+        """
         plan, device, dtype = cache.plan, self.lora_A_bank.device, self.lora_dtype
         if cache.kernel == "gather":
             if plan.gather_rows is None:
@@ -547,15 +650,16 @@ class LoraLinear(nn.Module):
             rows = plan.gather_rows.to(device)
             cache.a_t = self.lora_A_bank[rows].transpose(1, 2)  # [batch, in, L]
             cache.b = self.lora_B_bank[rows].mul_(plan.gather_coef.to(device, dtype).unsqueeze(-1))
-            return
-        rows = plan.union_rows.to(device)
-        cache.a_t = self.lora_A_bank[rows].t()  # [in, R_U]
-        cache.b = self.lora_B_bank[rows]  # [R_U, out]
-        coef = plan.union_coef.to(device, dtype)
-        if plan.uniform:
-            cache.b.mul_(coef[0].unsqueeze(-1))
         else:
-            cache.coef = (coef if samples is None else coef[samples]).unsqueeze(1)  # [lead, 1, R_U]
+            rows = plan.union_rows.to(device)
+            cache.a_t = self.lora_A_bank[rows].t()  # [in, R_U]
+            cache.b = self.lora_B_bank[rows]  # [R_U, out]
+            coef = plan.union_coef.to(device, dtype)
+            if plan.uniform and fold:
+                cache.b.mul_(coef[0].unsqueeze(-1))
+            else:
+                cache.coef = (coef if samples is None else coef[samples]).unsqueeze(1)  # [lead, 1, R_U]
+        cache.width = cache.a_t.shape[-1]
 
     def _plan(self, state: _MixtureState) -> _LayoutPlan | None:
         """The index plan for this layer; layers with the same slot layout share one."""

@@ -35,6 +35,12 @@ __all__ = ["Swift", "SwiftModel"]
 # LLaVA / InternVL: vision_tower, multi_modal_projector; original InternVL2: vision_model, mlp1).
 VISION_MODULE_NAMES = ("visual", "vision_tower", "vision_model", "multi_modal_projector", "mlp1")
 
+# Linear layers that a block calls on one input tensor (attention q/k/v, the MLP's gate/up in Llama, Qwen2,
+# Mistral and the CLIP/SigLIP-style vision towers): linked as siblings, so a mixture projects that input
+# through their LoRA-A rows in one GEMM. A naming guess only decides speed: LoraLinear checks per call that
+# the input is the very same tensor, and runs each layer alone where it isn't.
+SIBLING_NAMES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
 # Module-name prefixes of adapters trained on transformers 4 VLM layouts -> transformers 5 layouts.
 LEGACY_PREFIXES = (
     ("model.layers.", "model.language_model.layers."),
@@ -266,6 +272,7 @@ class SwiftModel(nn.Module):
         parent_name, _, child = name.rpartition(".")
         parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
         setattr(parent, child, layer)
+        _link_siblings(parent)
         return layer
 
     def _warn_on_base_mismatch(self, config: LoraAdapterConfig, adapter_dir: str | Path) -> None:
@@ -327,6 +334,14 @@ class SwiftModel(nn.Module):
                 f"routing names adapters that are not loaded: {unknown}; loaded: {self.adapter_names}."
             )
         return lora_mixture_context(lora_mapping, adapter_names, row_index=row_index, kernel=kernel)
+
+
+def _link_siblings(parent: nn.Module) -> None:
+    """Set ``siblings`` on the LoraLinear children of ``parent`` named in one group of ``SIBLING_NAMES``."""
+    for names in SIBLING_NAMES:
+        members = tuple(m for n in names if isinstance(m := getattr(parent, n, None), LoraLinear))
+        for member in members:
+            member.siblings = members if len(members) > 1 else ()
 
 
 def _model_name(name_or_path: str) -> str:
