@@ -28,7 +28,7 @@ import math
 import re
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -38,21 +38,25 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
+from lora_retriever.service.dashboard.protocol import KIND as PROTOCOL_KIND
+from lora_retriever.service.dashboard.protocol import (
+    ProtocolRequest,
+    protocol_file,
+    protocol_params,
+    run_protocol,
+)
 from lora_retriever.service.errors import ServiceError
 from swift.utils import get_logger
 
 logger = get_logger(__name__)
 
-__all__ = ["DASHBOARD_PATH", "PROTOCOL_KIND", "mount_dashboard"]
+__all__ = ["DASHBOARD_PATH", "mount_dashboard"]
 
 DASHBOARD_PATH = "/ui"
 API = f"{DASHBOARD_PATH}/api"
 STATIC_DIR = Path(__file__).parent / "static"
 #: The ways the Try page composes the retrieved adapters (``lora_retriever.selection``'s names).
 COMPOSE_METHODS = ("mixture", "fusion", "selection", "base")
-#: The job kind that runs the paper's protocol (``protocol.run_protocol`` in a worker process).
-PROTOCOL_KIND = "protocol"
-PROTOCOL_TARGET = "lora_retriever.service.dashboard.protocol:run_protocol"
 DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}\.(json|jsonl)$")
 MAX_TEXT = 100_000
 
@@ -75,17 +79,6 @@ class FusionRequest(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
 
 
-class ProtocolRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    suite: Literal["text", "multimodal"] = "text"
-    test_data: str | None = Field(default=None, max_length=4096, description="mixed-task JSONL on the server")
-    methods: list[str] = Field(default_factory=lambda: ["base", "selection", "mixture"], min_length=1)
-    num_samples: int = Field(default=20, ge=1, le=10_000)
-    max_new_tokens: int = Field(default=16, ge=1, le=512)
-    top_k: int = Field(default=3, ge=1, le=64)
-
-
 def mount_dashboard(
     app: FastAPI,
     engine: Any,
@@ -100,7 +93,7 @@ def mount_dashboard(
     checks API keys (the pages then ask for one first). Registers the ``protocol`` job kind with ``jobs``."""
     read, admin = list(read or []), list(admin or [])
     if jobs is not None:
-        jobs.kinds.setdefault(PROTOCOL_KIND, PROTOCOL_TARGET)
+        jobs.kinds.setdefault(PROTOCOL_KIND, f"{run_protocol.__module__}:{run_protocol.__name__}")
     router = APIRouter(prefix=API, tags=["dashboard"])
 
     def runner() -> Any:
@@ -148,7 +141,7 @@ def mount_dashboard(
 
     @router.post("/protocol", status_code=202, dependencies=admin)
     async def protocol(body: ProtocolRequest):
-        params = await run_in_threadpool(protocol_params, engine, body)
+        params = await run_in_threadpool(protocol_params, engine, body, _multimodal_pools_built())
         return runner().submit(PROTOCOL_KIND, params)
 
     @router.get("/jobs/{job_id}/curves", dependencies=read)
@@ -360,8 +353,11 @@ def input_similarities(
             )
         images = [[_decode_image(image)]]
     started = time.perf_counter()
-    with engine.embed_lock:
-        vectors = retriever.embed_queries([text], images)
+    try:
+        with engine.embed_lock:
+            vectors = retriever.embed_queries([text], images)
+    except ValueError as err:  # e.g. nothing left to embed once the <image> tags are removed
+        raise ServiceError(f"input can't be embedded: {err}", param="input") from err
     sims = retriever.similarities(vectors)[0]
     top = retriever.retrieve_vectors(vectors, k, weight_mode=weight_mode)[0]
     order = np.argsort(-np.nan_to_num(sims, nan=-np.inf), kind="stable")
@@ -400,7 +396,10 @@ def fused_answer(engine: Any, body: FusionRequest) -> dict[str, Any]:
             f"max_tokens {max_tokens} exceeds this server's limit of {engine.config.max_tokens_limit}",
             param="max_tokens",
         )
-    adapters = engine.resolve_adapters(AUTO_MODEL, None, body.input, top_k=body.top_k)
+    try:
+        adapters = engine.resolve_adapters(AUTO_MODEL, None, body.input, top_k=body.top_k)
+    except ValueError as err:  # e.g. nothing left to embed once the <image> tags are removed
+        raise ServiceError(f"input can't be embedded: {err}", param="input") from err
     engine.encode_chat([{"role": "user", "content": body.input}])  # the API's context-length check
     template = get_template(engine.config.model_type, engine.tokenizer)
     started = time.perf_counter()
@@ -492,68 +491,6 @@ def save_dataset(engine: Any, name: str, data: bytes) -> dict[str, Any]:
 # -- jobs ----------------------------------------------------------------------------------------------------
 
 
-def protocol_params(engine: Any, body: ProtocolRequest) -> dict[str, Any]:
-    """The job's parameters, checked before it is queued: known methods, a test file whose every task has its
-    own adapter in the served pool (the oracle and out-of-domain settings need it), a built multimodal suite.
-
-    Raises:
-        ServiceError: naming the field at fault.
-    """
-    from lora_retriever.data import read_samples
-    from lora_retriever.eval import METHODS
-    from lora_retriever.selection import own_adapters
-
-    unknown = [m for m in body.methods if m not in METHODS]
-    if unknown:
-        raise ServiceError(f"unknown method(s) {unknown}; methods: {list(METHODS)}", param="methods")
-    params: dict[str, Any] = {
-        "suite": body.suite,
-        "methods": list(dict.fromkeys(body.methods)),
-        "num_samples": body.num_samples,
-        "max_new_tokens": body.max_new_tokens,
-        "top_k": body.top_k,
-    }
-    if body.suite == "multimodal":
-        if not _multimodal_pools_built():
-            raise ServiceError(
-                "the multimodal suite's pools are not built on this server; `make demo-vlm` builds them",
-                param="suite",
-            )
-        return params
-    if body.test_data:
-        test = Path(body.test_data).expanduser()
-    else:
-        from lora_retriever.cli.eval import PaperEvalConfig
-
-        test = Path(PaperEvalConfig.__dataclass_fields__["test_data"].default).absolute()
-    if not test.is_absolute() or not test.is_file():
-        raise ServiceError(
-            f"test_data must be an existing JSONL file on the server, got {str(test)!r}", param="test_data"
-        )
-    try:
-        samples = read_samples(str(test), limit=body.num_samples)
-    except (OSError, ValueError) as err:
-        raise ServiceError(f"test_data {str(test)!r}: {err}", param="test_data") from err
-    missing = sorted(
-        {str(s.task) for s in samples if not own_adapters(engine.pool, s.task, s.extra.get("category"))}
-    )
-    if missing:
-        raise ServiceError(
-            f"tasks {missing} of {test.name} have no own adapter in the served pool (by name, 'task' or "
-            "category); the protocol compares against each item's own adapter",
-            param="test_data",
-        )
-    if not 1 <= body.top_k <= len(engine.pool):
-        raise ServiceError(f"top_k must be in 1..{len(engine.pool)}, got {body.top_k}", param="top_k")
-    params.update(
-        test_data=str(test),
-        pools=[str(p) for p in engine.pool_sources()],
-        model_type=engine.config.model_type,
-        model_path=engine.config.model_path,
-    )
-    return params
-
-
 def training_curves(job: dict[str, Any]) -> dict[str, Any]:
     """A training job's scalars, read from the TensorBoard event files the trainer writes
     (``<output_dir>/tensorboard``): ``{"series": {tag: [[step, value], ...]}}``."""
@@ -567,19 +504,3 @@ def training_curves(job: dict[str, Any]) -> dict[str, Any]:
     except ImportError as err:
         raise ServiceError(str(err), status=501) from err
     return {"series": {tag: [[s, _finite(v)] for s, v in points] for tag, points in series.items()}}
-
-
-def protocol_file(job_dir: Path, job: dict[str, Any], name: str) -> Path:
-    """A file a protocol job wrote to ``<job folder>/protocol`` (``results.json``, ``table.md``, ``results.png``)."""
-    from lora_retriever.service.dashboard.protocol import OUTPUT_DIR
-
-    if job["kind"] != PROTOCOL_KIND:
-        raise ServiceError(f"job {job['id']} is a {job['kind']} job, not a protocol run", param="job_id")
-    path = job_dir / OUTPUT_DIR / name
-    if not path.is_file():
-        raise ServiceError(
-            f"job {job['id']} ({job['state']}) has no {name} yet; it is written when the run completes",
-            status=404,
-            param="job_id",
-        )
-    return path

@@ -16,6 +16,7 @@ const ADMIN_PAGES = new Set(["train", "merge"]);
 const main = document.getElementById("main");
 let cleanup = null;
 let info = null;
+let renders = 0; // each render's number: one that a newer render overtook stops at its next await
 
 /** "#/jobs?id=abc" -> {page: "jobs", params: URLSearchParams("id=abc")} */
 function route() {
@@ -69,6 +70,8 @@ function renderChrome() {
 }
 
 async function render() {
+  const mine = ++renders;
+  const current = () => mine === renders;
   if (cleanup) {
     cleanup();
     cleanup = null;
@@ -87,12 +90,16 @@ async function render() {
   try {
     if (!info && page !== "signin") info = await api("/ui/api/info");
     const module = await PAGES[page]();
+    if (!current()) return;
     const root = h("div", { class: `page page-${page}` });
     main.replaceChildren(root);
-    cleanup = (await module.render(root, { info, params, navigate, refresh: refreshSession, reloadInfo })) || null;
+    const stop = await module.render(root, { info, params, navigate, refresh: refreshSession, reloadInfo });
+    if (current()) cleanup = stop || null;
+    else if (stop) stop(); // the page was left while it loaded
   } catch (err) {
-    main.replaceChildren(h("h1", {}, "Something went wrong"), notice("error", err.message || String(err)));
+    if (current()) main.replaceChildren(h("h1", {}, "Something went wrong"), notice("error", err.message || String(err)));
   }
+  if (current()) document.body.dataset.ready = page;
 }
 
 async function reloadInfo() {
@@ -100,13 +107,13 @@ async function reloadInfo() {
   return info;
 }
 
-window.addEventListener("hashchange", render);
-(async () => {
-  try {
-    await refreshSession();
-  } catch (err) {
+// Pages render only once the session is known (a hash change during start-up waits for it).
+const boot = refreshSession().then(
+  () => true,
+  (err) => {
     main.replaceChildren(h("h1", {}, "The service did not answer"), notice("error", err.message || String(err)));
-    return;
-  }
-  await render();
-})();
+    return false;
+  },
+);
+window.addEventListener("hashchange", () => boot.then((ok) => ok && render()));
+boot.then((ok) => ok && render());

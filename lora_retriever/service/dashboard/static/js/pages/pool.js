@@ -52,7 +52,7 @@ function view(adapters, map, selected, reload, status) {
       h("td", { class: "num" }, a.r ?? "–"),
       h("td", { class: "num" }, a.lora_alpha ?? "–"),
       h("td", {}, targets.map((t) => h("span", { class: "tag" }, t))),
-      h("td", { class: "desc small" }, a.base_model || "–"),
+      h("td", { class: "small", title: a.base_model || "" }, a.base_model ? a.base_model.split("/").filter(Boolean).pop() : "–"),
       h("td", { class: "desc small" }, a.source || "–", a.registered ? h("div", { class: "muted" }, "registered over HTTP") : null),
       h("td", { class: "small" }, a.pinned ? "pinned" : a.resident ? "loaded" : "on disk"),
       h("td", { class: "desc small" }, a.description || "", a.config_error ? h("div", { class: "notice error" }, a.config_error) : null),
@@ -96,7 +96,7 @@ function view(adapters, map, selected, reload, status) {
       tbody));
 
   const parts = [
-    h("div", { class: "grid-side" },
+    h("div", { class: "grid-side pool-layout" },
       h("section", { class: "panel", "aria-labelledby": "map-title" },
         h("h2", { id: "map-title" }, "Key map"),
         adapters.length ? mapView.figure : h("p", { class: "muted" }, "The pool is empty."),
