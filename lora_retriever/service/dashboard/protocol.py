@@ -33,12 +33,18 @@ KIND = "protocol"
 OUTPUT_DIR = "protocol"
 
 
+def _all_methods() -> list[str]:
+    from lora_retriever.eval import METHODS
+
+    return list(METHODS)
+
+
 class ProtocolRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     suite: Literal["text", "multimodal"] = "text"
     test_data: str | None = Field(default=None, max_length=4096, description="mixed-task JSONL on the server")
-    methods: list[str] = Field(default_factory=lambda: ["base", "selection", "mixture"], min_length=1)
+    methods: list[str] = Field(default_factory=lambda: _all_methods(), min_length=1)  # as the command
     num_samples: int = Field(default=20, ge=1, le=10_000)
     max_new_tokens: int = Field(default=16, ge=1, le=512)
     top_k: int = Field(default=3, ge=1, le=64)

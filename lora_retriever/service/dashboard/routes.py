@@ -38,6 +38,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
+from lora_retriever.selection import SELECTION_METHODS
 from lora_retriever.service.dashboard.protocol import KIND as PROTOCOL_KIND
 from lora_retriever.service.dashboard.protocol import (
     ProtocolRequest,
@@ -55,8 +56,9 @@ __all__ = ["DASHBOARD_PATH", "mount_dashboard"]
 DASHBOARD_PATH = "/ui"
 API = f"{DASHBOARD_PATH}/api"
 STATIC_DIR = Path(__file__).parent / "static"
-#: The ways the Try page composes the retrieved adapters (``lora_retriever.selection``'s names).
-COMPOSE_METHODS = ("mixture", "fusion", "selection", "base")
+#: The ways the Try page composes the retrieved adapters: ``lora_retriever.selection``'s methods that need
+#: neither the input's own task (oracle) nor the whole pool (uniform_all).
+COMPOSE_METHODS = tuple(m for m, picks in SELECTION_METHODS.items() if picks in ("none", "top1", "topk"))
 DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}\.(json|jsonl)$")
 MAX_TEXT = 100_000
 
