@@ -194,8 +194,10 @@ def tag_hooks(model: Any, recorder: OpRecorder) -> list[Any]:
     return handles
 
 
-def replay_seconds(ops: list[tuple[Any, tuple, dict]], repeats: int) -> float:
-    """Median seconds of running ``ops`` back to back (one warm-up pass)."""
+def replay_seconds(
+    ops: list[tuple[Any, tuple, dict]], repeats: int, stat: Callable = statistics.median
+) -> float:
+    """``stat`` (median) of the seconds of running ``ops`` back to back (after one warm-up pass)."""
 
     def once() -> float:
         start = time.process_time()
@@ -204,20 +206,25 @@ def replay_seconds(ops: list[tuple[Any, tuple, dict]], repeats: int) -> float:
         return time.process_time() - start
 
     once()
-    return statistics.median(once() for _ in range(repeats))
+    return stat([once() for _ in range(repeats)])
 
 
 def profile_workload(
-    label: str, workloads: dict[str, Workload], steps: int, repeats: int, replay: bool = True
+    label: str,
+    workloads: dict[str, Workload],
+    steps: int,
+    repeats: int,
+    replay: bool = True,
+    stat: Callable[[list[float]], float] = statistics.median,
 ) -> dict[str, Any]:
-    """Interleaved timings of every workload; with ``replay``, the op-replay split of the mixture."""
+    """Interleaved timings of every workload (``stat`` of the repeats); with ``replay``, the mixture's split."""
     samples: dict[str, list[float]] = {name: [] for name in workloads}
     for w in workloads.values():
         w.sample(1)  # warm-up
     for _ in range(repeats):
         for name, w in workloads.items():
             samples[name].append(w.sample(steps))
-    ms = {name: statistics.median(v) * 1e3 for name, v in samples.items()}
+    ms = {name: stat(v) * 1e3 for name, v in samples.items()}
     row: dict[str, Any] = {
         "workload": label,
         **{f"{name}_ms": value for name, value in ms.items()},
@@ -225,9 +232,7 @@ def profile_workload(
     }
     if "baseline" in ms:
         # the ratio of medians, and the median of per-round ratios (robust to drift between rounds)
-        row["mixture_over_baseline"] = statistics.median(
-            a / b for a, b in zip(samples["mixture"], samples["baseline"])
-        )
+        row["mixture_over_baseline"] = stat([a / b for a, b in zip(samples["mixture"], samples["baseline"])])
     if not replay:
         return row
     recorder = OpRecorder()
@@ -242,7 +247,7 @@ def profile_workload(
     finally:
         for handle in handles:
             handle.remove()
-    times = {g: replay_seconds(ops, repeats) * 1e3 for g, ops in recorder.ops.items()}
+    times = {g: replay_seconds(ops, repeats, stat) * 1e3 for g, ops in recorder.ops.items()}
     n_layers = sum(isinstance(m, LoraLinear) for m in mixture.model.modules())
     row.update(times)
     row["Python and bookkeeping"] = ms["mixture"] - sum(times.values())
@@ -285,6 +290,12 @@ def main(argv: list[str] | None = None) -> int:
         help="also time the mixture of git revision REV (before/after, interleaved)",
     )
     p.add_argument("--no-replay", action="store_true", help="timings only, no op replay")
+    p.add_argument(
+        "--stat",
+        choices=["median", "min"],
+        default="median",
+        help="statistic of the repeats (min: robust to bursts of other work on a shared machine)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     args = p.parse_args(argv)
@@ -315,7 +326,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(f"{cell}: {rows[-1]}", flush=True)
     load = [round(v, 2) for v in os.getloadavg()]
-    print(f"\nms per decode step / per prefill; CPU clock, median of {args.repeats}; load avg at end {load}")
+    print(
+        f"\nms per decode step / per prefill; CPU clock, {args.stat} of {args.repeats}; load avg at end {load}"
+    )
     columns = (
         COLUMNS if not args.compare else [*COLUMNS[:5], "baseline_ms", "mixture_over_baseline", *COLUMNS[5:]]
     )

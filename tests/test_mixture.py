@@ -410,3 +410,30 @@ def test_eval_model_has_no_lora_dropout(tmp_path):
         )
         assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
         assert (model(input_ids=ids).logits - expected).abs().max() <= TOL
+
+
+def test_gathered_rows_reuse_the_previous_contexts_buffers(lone_layer):
+    """A context hands its gathered-row buffers to the next one; results stay exact, grad contexts don't share."""
+    names = [f"n{j}" for j in range(4)]
+    x = torch.randn(3, 6, 16)
+    routings = [  # the first needs the most rows (9 per sample): its buffers fit the others
+        torch.tensor([[0.0, 0.3, 0.0, 0.7], [1.0, 0.0, 0.0, 0.0], [0.4, 0.0, 0.6, 0.0]]),
+        torch.tensor([[0.5, 0.0, 0.5, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.2, 0.8]]),
+    ]
+    lone_layer.release_workspace()
+    pointers = []
+    for weights in routings + routings[::-1]:
+        with torch.no_grad(), lora_mixture_context(weights, names, kernel="gather"):
+            y = lone_layer(x)
+            pointers.append(lora_layers._MIXTURE.get().layers[id(lone_layer)].b.data_ptr())
+        rows = [dict(zip(names, w)) for w in weights.tolist()]
+        for i in range(3):
+            expected = lone_layer.base_layer(x[i]) + manual_delta(lone_layer, x[i], rows[i])
+            assert (y[i] - expected).abs().max() <= TOL
+    assert len(set(pointers)) == 1  # the same B buffer served all four contexts
+    with lora_mixture_context(routings[0], names, kernel="gather"):  # grad enabled: fresh buffers
+        assert lone_layer(x).requires_grad
+        assert lora_layers._MIXTURE.get().layers[id(lone_layer)].b.data_ptr() != pointers[0]
+    assert {k: len(v) for k, v in lone_layer._spares.items()} == {"a": 1, "b": 1}
+    lone_layer.release_workspace()
+    assert lone_layer._spares == {}

@@ -35,6 +35,7 @@ Outside a context a layer applies its active adapters (PEFT-style), or nothing.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -167,6 +168,9 @@ def _check_finite(t: torch.Tensor, what: str) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
+# Buffers per layer and purpose that a finished context leaves for the next one (see LoraLinear._buffer).
+MAX_SPARE_BUFFERS = 2
+
 # "auto" picks per layer (``_choose_kernel``); "union" / "gather" force that kernel wherever it applies.
 MIXTURE_KERNELS = ("auto", "union", "gather")
 
@@ -182,6 +186,7 @@ class _MixtureState:
     plans: dict[tuple, _LayoutPlan] = field(default_factory=dict)  # shared by layers with one layout
     layers: dict[int, _LayerCache] = field(default_factory=dict)  # per layer (by id): plan + gathered rows
     groups: dict[int, _SiblingGroup | None] = field(default_factory=dict)  # by id of the first sibling
+    borrowed: list[tuple[list, torch.Tensor]] = field(default_factory=list)  # workspace to give back at exit
     kernels: dict[str, str] = field(default_factory=dict)  # module name -> kernel its last call ran
 
     def __post_init__(self) -> None:
@@ -242,11 +247,15 @@ def lora_mixture_context(
                 "name the sample (batch position) it belongs to."
             )
         rows[prefix] = index
-    token = _MIXTURE.set(_MixtureState(routing, rows, kernel))
+    state = _MixtureState(routing, rows, kernel)
+    token = _MIXTURE.set(state)
     try:
         yield routing
     finally:
         _MIXTURE.reset(token)
+        for spares, buffer in state.borrowed:  # the next context's gathers reuse these pages
+            if len(spares) < MAX_SPARE_BUFFERS:
+                spares.append(buffer)
 
 
 def current_routing() -> LoraRouting | None:
@@ -405,7 +414,9 @@ def _choose_kernel(plan: _LayoutPlan, per_sample_rows: bool, requested: str) -> 
     return "gather"
 
 
-def _gather_siblings(layers: Sequence[LoraLinear], caches: Sequence[_LayerCache]) -> _SiblingGroup | None:
+def _gather_siblings(
+    layers: Sequence[LoraLinear], caches: Sequence[_LayerCache], state: _MixtureState
+) -> _SiblingGroup | None:
     """Gather the rows of sibling layers; those that run alike share one A matrix (a ``_SiblingGroup``).
 
     Members must run the same kernel on the same rows -> samples map; the others (and layers no adapter of the
@@ -421,10 +432,19 @@ def _gather_siblings(layers: Sequence[LoraLinear], caches: Sequence[_LayerCache]
     grouped = {id(cache) for _, cache in members} if len(members) > 1 else set()
     fold = first is None or first.kernel == "gather" or all(cache.plan.uniform for _, cache in members)
     for layer, cache in runs:
-        layer._gather(cache, cache.samples, fold=fold or id(cache) not in grouped)
+        grouped_here = id(cache) in grouped
+        layer._gather(cache, state, fold=fold or not grouped_here, group=grouped_here)
     if len(members) < 2:
         return None
-    a_t = torch.cat([cache.a_t for _, cache in members], dim=-1)  # [batch, in, sum L] / [in, sum R_U]
+    owner = members[0][0]  # the group's rows live in its first member's workspace
+    width = sum(cache.width for _, cache in members)
+    if first.kernel == "gather":  # [batch, sum L, in] row-major, read transposed like a single layer's rows
+        rows = [cache.a_t.mT for _, cache in members]
+        shape = (rows[0].shape[0], width, owner.in_features)
+        a_t = torch.cat(rows, dim=1, out=owner._buffer(state, "group", shape)).mT
+    else:  # [in, sum R_U] row-major
+        shape = (owner.in_features, width)
+        a_t = torch.cat([cache.a_t for _, cache in members], dim=-1, out=owner._buffer(state, "group", shape))
     coef = None if fold else torch.cat([cache.coef for _, cache in members], dim=-1)
     group = _SiblingGroup(first.kernel, a_t, coef)
     offset = 0
@@ -479,6 +499,7 @@ class LoraLinear(nn.Module):
         # Layers the model calls on the very same input tensor (q/k/v, gate/up; set by SwiftModel): under a
         # mixture their LoRA-A projections run as one GEMM whenever the input is indeed the same tensor.
         self.siblings: tuple[LoraLinear, ...] = ()
+        self._spares: dict[str, list[torch.Tensor]] = {}  # workspace of finished contexts, see _buffer
         self._rows_used = 1  # row 0 is the zero pad row
         device = base_layer.weight.device
         self.register_buffer(
@@ -620,11 +641,11 @@ class LoraLinear(nn.Module):
         """
         if self.siblings and id(self.siblings[0]) not in state.groups:
             caches = [layer._plan_call(x, state) for layer in self.siblings]
-            state.groups[id(self.siblings[0])] = _gather_siblings(self.siblings, caches)
+            state.groups[id(self.siblings[0])] = _gather_siblings(self.siblings, caches, state)
             return state.layers[id(self)]
         cache = self._plan_call(x, state)
         if cache.kernel is not None:
-            self._gather(cache, cache.samples)
+            self._gather(cache, state)
         return cache
 
     def _plan_call(self, x: torch.Tensor, state: _MixtureState) -> _LayerCache:
@@ -638,28 +659,68 @@ class LoraLinear(nn.Module):
         state.layers[id(self)] = cache
         return cache
 
-    def _gather(self, cache: _LayerCache, samples: torch.Tensor | None, *, fold: bool = True) -> None:
+    def _gather(
+        self, cache: _LayerCache, state: _MixtureState, *, fold: bool = True, group: bool = False
+    ) -> None:
         """Copy the rows ``cache.plan`` names out of the banks; coefficients folded into B where possible.
 
         ``fold=False`` (union kernel only): leave per-sample coefficients to ``cache.coef`` even when uniform.
+        ``group``: the rows will be copied again, side by side with the siblings' (``_gather_siblings``).
         """
         plan, device, dtype = cache.plan, self.lora_A_bank.device, self.lora_dtype
         if cache.kernel == "gather":
             if plan.gather_rows is None:
                 plan.build_gather()
             rows = plan.gather_rows.to(device)
-            cache.a_t = self.lora_A_bank[rows].transpose(1, 2)  # [batch, in, L]
-            cache.b = self.lora_B_bank[rows].mul_(plan.gather_coef.to(device, dtype).unsqueeze(-1))
+            batch, width = rows.shape
+            flat = rows.flatten()
+            # index_select copies whole rows (several times faster than advanced indexing); the A rows stay
+            # row-major and bmm reads them transposed: measured faster at decode, on par at prefill, and no copy.
+            a = self._buffer(state, "a", (batch * width, self.in_features))
+            cache.a_t = torch.index_select(self.lora_A_bank, 0, flat, out=a).view(batch, width, -1).mT
+            b = self._buffer(state, "b", (batch * width, self.out_features))
+            b = torch.index_select(self.lora_B_bank, 0, flat, out=b).view(batch, width, -1)
+            cache.b = b.mul_(plan.gather_coef.to(device, dtype).unsqueeze(-1))  # [batch, L, out]
         else:
             rows = plan.union_rows.to(device)
-            cache.a_t = self.lora_A_bank[rows].t()  # [in, R_U]
-            cache.b = self.lora_B_bank[rows]  # [R_U, out]
+            a = torch.index_select(self.lora_A_bank, 0, rows).t()  # [in, R_U]
+            # a few rows: row-major [in, R_U] is faster for T > 1 (unless copied next to the siblings' anyway)
+            cache.a_t = a if group else self._buffer(state, "a", a.shape).copy_(a)
+            b = self._buffer(state, "b", (rows.numel(), self.out_features))
+            cache.b = torch.index_select(self.lora_B_bank, 0, rows, out=b)  # [R_U, out]
             coef = plan.union_coef.to(device, dtype)
             if plan.uniform and fold:
                 cache.b.mul_(coef[0].unsqueeze(-1))
             else:
+                samples = cache.samples
                 cache.coef = (coef if samples is None else coef[samples]).unsqueeze(1)  # [lead, 1, R_U]
         cache.width = cache.a_t.shape[-1]
+
+    def _buffer(self, state: _MixtureState, purpose: str, shape: Sequence[int]) -> torch.Tensor:
+        """An uninitialised ``shape`` tensor for the rows this context gathers (``purpose``: "a", "b", "group").
+
+        Gathered rows can be hundreds of MB per context (batch x k x r rows per layer); fresh allocations of that
+        size come from the OS page by page (54k page faults, ~100 ms per prefill of SmolLM2 at batch 8, k=3), so
+        a context gives its buffers back to the layer at exit and the next one reuses them
+        (``MAX_SPARE_BUFFERS`` per purpose; ``release_workspace()`` frees them). With grad enabled, autograd may
+        keep the rows past the context: those are never reused.
+        """
+        numel = math.prod(shape)
+        if torch.is_grad_enabled():
+            return torch.empty(shape, dtype=self.lora_dtype, device=self.lora_A_bank.device)
+        spares = self._spares.setdefault(purpose, [])
+        try:
+            buffer = spares.pop()  # atomic: contexts in other threads never get the same buffer
+        except IndexError:
+            buffer = None
+        if buffer is None or buffer.numel() < numel or buffer.dtype != self.lora_dtype:
+            buffer = torch.empty(numel, dtype=self.lora_dtype, device=self.lora_A_bank.device)
+        state.borrowed.append((spares, buffer))
+        return buffer[:numel].view(shape)
+
+    def release_workspace(self) -> None:
+        """Free the buffers kept from earlier mixture contexts (they are reallocated on demand)."""
+        self._spares = {}
 
     def _plan(self, state: _MixtureState) -> _LayoutPlan | None:
         """The index plan for this layer; layers with the same slot layout share one."""

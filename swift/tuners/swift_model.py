@@ -149,6 +149,11 @@ class SwiftModel(nn.Module):
         del self.adapter_dirs[adapter_name]
         self._active = tuple(a for a in self._active if a != adapter_name)
 
+    def release_workspace(self) -> None:
+        """Free the gathered-row buffers that mixture contexts leave to the next one (``LoraLinear._buffer``)."""
+        for _, layer in self.lora_layers():
+            layer.release_workspace()
+
     def _check_new_name(self, adapter_name: str) -> None:
         if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
             raise ValueError(f"adapter_name must be a non-empty string without dots, got {adapter_name!r}.")
