@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # tests.service.factories writes the adapters
 
 import torch  # noqa: E402
+from bench_service import BASE, QUESTIONS  # noqa: E402  (one prompt set for the service benchmarks)
 from bench_utils import (  # noqa: E402
     machine_info,
     machine_line,
@@ -58,17 +59,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-BASE = "smollm2-135m-instruct"
-QUESTIONS = [
-    "What is the capital of Peru?",
-    "What is 23 + 19?",
-    "Is the word 'lovely' positive or negative?",
-    "Translate 'house' into French.",
-    "Name a large animal.",
-    "How many days are in June?",
-    "What colour is the sky?",
-    "Compute 57 + 36.",
-]
 WORKLOADS = ("zipf", "uniform")
 
 
