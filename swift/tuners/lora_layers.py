@@ -713,7 +713,13 @@ class LoraLinear(nn.Module):
             buffer = spares.pop()  # atomic: contexts in other threads never get the same buffer
         except IndexError:
             buffer = None
-        if buffer is None or buffer.numel() < numel or buffer.dtype != self.lora_dtype:
+        if (
+            buffer is None
+            or buffer.numel() < numel
+            or buffer.dtype != self.lora_dtype
+            # a buffer made under torch.inference_mode() can't be written outside it (and vice versa)
+            or buffer.is_inference() != torch.is_inference_mode_enabled()
+        ):
             buffer = torch.empty(numel, dtype=self.lora_dtype, device=self.lora_A_bank.device)
         state.borrowed.append((spares, buffer))
         return buffer[:numel].view(shape)

@@ -218,14 +218,14 @@ def test_a_query_shows_its_retrieved_adapters_and_streamed_answers_side_by_side(
     page.fill("input[name=max_tokens]", "6")
     page.check("input[name=compare]")
     page.select_option("select[name=method_b]", "fusion")
+    pool_before = len(dash_engine.pool)
     page.click("#try-run")
     page.wait_for_selector("#retrieved table tbody tr")
     retrieved = page.locator("#retrieved tbody td.name").all_inner_texts()
     assert retrieved[0] == "capitals" and len(retrieved) == 2
-    assert page.locator("#similarities svg rect").count() == len(
-        dash_engine.pool
-    )  # every adapter (3, or 4 once
-    # the training job above has registered its adapter)
+    # a bar for every adapter: 3, or 4 once the training job started above registers its adapter, which can
+    # happen between the query and this line (a fresh-clone CI run saw the page draw 3 and the pool hold 4)
+    assert pool_before <= page.locator("#similarities svg rect").count() <= len(dash_engine.pool)
     for method in ("mixture", "fusion"):
         answer = page.locator(f".answer[data-method={method}]")
         page.wait_for_selector(f".answer[data-method={method}]:not(.streaming)")
