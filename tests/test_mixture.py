@@ -437,3 +437,15 @@ def test_gathered_rows_reuse_the_previous_contexts_buffers(lone_layer):
     assert {k: len(v) for k, v in lone_layer._spares.items()} == {"a": 1, "b": 1}
     lone_layer.release_workspace()
     assert lone_layer._spares == {}
+
+
+def test_workspace_made_in_inference_mode_is_not_reused_under_no_grad(lone_layer):
+    """Inference tensors can't be written outside inference mode: a no_grad context gathers into fresh buffers."""
+    names = ["n0", "n1"]
+    weights = torch.tensor([[1.0, 0.0], [0.3, 0.7]])
+    x = torch.randn(2, 3, 16)
+    outputs = []
+    for mode in (torch.inference_mode, torch.no_grad, torch.inference_mode):
+        with mode(), lora_mixture_context(weights, names, kernel="gather"):
+            outputs.append(lone_layer(x))
+    assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[1], outputs[2])
