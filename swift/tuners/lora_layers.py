@@ -168,6 +168,12 @@ def _check_finite(t: torch.Tensor, what: str) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
+# Calls with at most this many activation rows (tokens x samples) compute the LoRA terms in float32 when the
+# banks are bf16/fp16 (rows upcast once per context): oneDNN's reduced-precision GEMMs cost ~30 us a call at
+# any small size on an Intel Xeon with AMX, fp32 ones 2-5 us; from ~32 rows on, bf16 with AMX is faster.
+FP32_MAX_ROWS = 16
+REDUCED_DTYPES = (torch.bfloat16, torch.float16)
+
 # Buffers per layer and purpose that a finished context leaves for the next one (see LoraLinear._buffer).
 MAX_SPARE_BUFFERS = 2
 
@@ -348,6 +354,21 @@ class _LayerCache:
     group: _SiblingGroup | None = None  # the siblings whose A rows are projected together with this layer's
     offset: int = 0  # this layer's first column in the group's projection
     width: int = 0  # its columns there (L or R_U)
+    fp32: tuple | None = None  # (a_t, b, coef) in float32 for small calls on reduced-precision banks
+
+    def operands(self, fp32: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(a_t, b, coef)`` in the banks' dtype, or (``fp32``) float32 copies made at the first need."""
+        if not fp32:
+            return self.a_t, self.b, self.coef
+        if self.fp32 is None:
+            group = self.group
+            a_t = (
+                self.a_t.float()
+                if group is None
+                else group.operands(True)[0].narrow(-1, self.offset, self.width)
+            )
+            self.fp32 = (a_t, self.b.float(), None if self.coef is None else self.coef.float())
+        return self.fp32
 
 
 @dataclass
@@ -368,16 +389,24 @@ class _SiblingGroup:
     version: int | None = None  # its version counter (None for inference tensors, which have none)
     hidden: torch.Tensor | None = None  # its projection: gather [batch, T, sum L]; union [lead * T, sum R_U]
     uses: int = 0  # members that read ``hidden`` so far
+    fp32: tuple | None = None  # (a_t, coef) in float32, see _LayerCache.operands
 
-    def hidden_for(self, x: torch.Tensor, xl: torch.Tensor, lead: int) -> torch.Tensor | None:
-        """The group's projection of ``x`` (``xl``: ``x`` in the LoRA dtype), or None once not shared."""
+    def operands(self, fp32: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not fp32:
+            return self.a_t, self.coef
+        if self.fp32 is None:
+            self.fp32 = (self.a_t.float(), None if self.coef is None else self.coef.float())
+        return self.fp32
+
+    def hidden_for(self, x: torch.Tensor, xl: torch.Tensor, lead: int, fp32: bool) -> torch.Tensor | None:
+        """The group's projection of ``x`` (``xl``: ``x`` in the compute dtype), or None once not shared."""
         if x is self.x and (self.version is None or self.version == x._version):
             self.uses += 1
             return self.hidden
         if self.uses == 1:  # the previous input served its own member only: inputs aren't shared here
             self.shared, self.x, self.hidden = False, None, None
             return None
-        self.hidden = _project(xl, self.a_t, self.coef, lead, self.kernel)
+        self.hidden = _project(xl, *self.operands(fp32), lead, self.kernel)
         self.x, self.version, self.uses = x, None if x.is_inference() else x._version, 1
         return self.hidden
 
@@ -618,20 +647,27 @@ class LoraLinear(nn.Module):
     def _add_mixture(self, x: torch.Tensor, result: torch.Tensor, cache: _LayerCache) -> torch.Tensor:
         """``result + sum_j w_ij s_j B_j A_j x_i``; in place (one GEMM into the output) when no grad is needed."""
         lead, out, gather = cache.lead, self.out_features, cache.kernel == "gather"
-        xl = x if x.dtype == self.lora_dtype else x.to(self.lora_dtype)
+        # bf16/fp16 GEMMs cost ~30 us a call however small (oneDNN), fp32 ones 2-5 us: few rows compute in fp32
+        fp32 = self.lora_dtype in REDUCED_DTYPES and x.numel() <= FP32_MAX_ROWS * self.in_features
+        dtype = torch.float32 if fp32 else self.lora_dtype
+        a_t, b, coef = cache.operands(fp32)
+        xl = x if x.dtype == dtype else x.to(dtype)
         group = cache.group
-        hidden = group.hidden_for(x, xl, lead) if group is not None and group.shared else None
+        hidden = group.hidden_for(x, xl, lead, fp32) if group is not None and group.shared else None
         if hidden is None:
-            hidden = _project(xl, cache.a_t, cache.coef, lead, cache.kernel)
+            hidden = _project(xl, a_t, coef, lead, cache.kernel)
         else:
             hidden = hidden.narrow(-1, cache.offset, cache.width)  # this layer's columns of the group's
-        if result.dtype == self.lora_dtype and not torch.is_grad_enabled() and result.is_contiguous():
-            if gather:
-                result.view(lead, -1, out).baddbmm_(hidden, cache.b)
-            else:
-                result.view(-1, out).addmm_(hidden, cache.b)
-            return result
-        delta = torch.bmm(hidden, cache.b) if gather else torch.mm(hidden, cache.b)
+        if not torch.is_grad_enabled() and result.is_contiguous():
+            if result.dtype == dtype:
+                if gather:
+                    result.view(lead, -1, out).baddbmm_(hidden, b)
+                else:
+                    result.view(-1, out).addmm_(hidden, b)
+                return result
+            delta = torch.bmm(hidden, b) if gather else torch.mm(hidden, b)
+            return result.add_(delta.view(result.shape))  # one rounding into the output's dtype
+        delta = torch.bmm(hidden, b) if gather else torch.mm(hidden, b)
         return result + delta.view(result.shape).to(result.dtype)
 
     def _prepare(self, x: torch.Tensor, state: _MixtureState) -> _LayerCache:
