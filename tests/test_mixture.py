@@ -449,3 +449,27 @@ def test_workspace_made_in_inference_mode_is_not_reused_under_no_grad(lone_layer
         with mode(), lora_mixture_context(weights, names, kernel="gather"):
             outputs.append(lone_layer(x))
     assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[1], outputs[2])
+
+
+def test_hooks_on_the_base_layer_still_run_under_a_mixture(lone_layer):
+    """The base nn.Linear is called functionally only when that skips nothing: its own and global hooks run."""
+    names = ["n0", "n1"]
+    weights = torch.tensor([[1.0, 0.0], [0.3, 0.7]])
+    x = torch.randn(2, 3, 16)
+    seen: list[str] = []
+    with torch.no_grad(), lora_mixture_context(weights, names):
+        plain = lone_layer(x)
+        local = lone_layer.base_layer.register_forward_hook(lambda m, i, o: seen.append("local") or o + 1.0)
+        try:
+            hooked = lone_layer(x)
+        finally:
+            local.remove()
+        handle = nn.modules.module.register_module_forward_hook(
+            lambda m, i, o: seen.append(type(m).__name__) if m is lone_layer.base_layer else None
+        )
+        try:
+            lone_layer(x)
+        finally:
+            handle.remove()
+    assert seen == ["local", "Linear"]
+    assert torch.allclose(hooked, plain + 1.0, atol=TOL)  # the hook's output replaced the base output
