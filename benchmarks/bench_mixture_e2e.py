@@ -1,21 +1,28 @@
 """End-to-end part of the mixture benchmark: SmolLM2-135M-Instruct with a pool of N LoRA adapters.
 
-Methods (all on the same fp32 model, same prompts):
+Methods (same prompts; every model a deep copy of the loaded one, so all have the same memory layout: the
+loaded model's single weight mapping ran prefill up to ~10 % faster than per-tensor copies on this machine):
 
 * ``base``: the plain model.
 * ``merged``: adapter ``a0`` folded into the weights (``W += s B A``): the single-adapter reference.
 * ``ours``: ``Swift.from_pretrained`` pool of N adapters, every request inside ``SwiftModel.mixture`` with k
-  random adapters per sample (k=1 and k=3).
+  adapters per sample (k=1 and k=3): every slot of the batch a different adapter where N allows
+  (N >= batch x k), else k random ones per sample; the ``distinct`` column counts them.
 * ``peft``: ``PeftModel.from_pretrained`` + ``load_adapter`` with the same adapter directories, per-row
-  ``adapter_names`` (PEFT's mixed batch, k=1), for N up to ``peft_max_n`` (PEFT's loading is quadratic in N).
+  ``adapter_names`` (PEFT's mixed batch, k=1), for N up to ``peft_max_n`` (PEFT's loading is quadratic in N);
+  fp32 only.
+
+Each dtype of ``cfg.dtypes`` (float32; bfloat16 where the CPU has bf16 units) runs the same methods with the
+model and the adapter banks in that dtype, in the same process.
 
 Prefill: one forward over ``batch x prefill_tokens`` tokens with ``logits_to_keep=1`` (what ``generate``'s
 prefill computes), one fresh mixture context per call. Decode: ``generate`` greedy with exactly
 ``new_tokens`` new tokens; a logits processor timestamps every step, so decode tokens/s covers steps 2..n only
 (the prompt's prefill excluded) and includes generate's own per-step overhead.
 
-All models stay in memory; at every N all methods are measured round-robin (base for prefill and merged for
-decode included, so ratios compare measurements taken in the same minutes). Times use ``cfg.clock`` ("cpu": process CPU time).
+All models of a dtype stay in memory; at every N all methods are measured round-robin (base for prefill and
+merged for decode included, so ratios compare measurements taken in the same minutes). Times use
+``cfg.clock`` ("cpu": process CPU time).
 """
 
 from __future__ import annotations
@@ -42,10 +49,14 @@ from swift.tuners.lora_layers import mixture_kernels
 logger = logging.getLogger(__name__)
 
 E2E_COLUMNS = [
-    "method", "N", "k", "batch", "prefill_ms", "decode_tok_s", "decode_ms_per_step", "generate_s",
+    "dtype", "method", "N", "k", "batch", "distinct", "prefill_ms", "decode_tok_s", "decode_ms_per_step", "generate_s",
     "prefill_kernels", "prefill_over_base", "decode_over_merged", "peft_over_ours_prefill", "ours_over_peft_decode",
 ]  # fmt: skip
-LOAD_COLUMNS = ["method", "N", "load_s", "load_ms_per_adapter"]
+LOAD_COLUMNS = ["dtype", "method", "N", "load_s", "load_ms_per_adapter"]
+DTYPE_COLUMNS = [
+    "method", "N", "k", "batch", "distinct", "prefill_fp32_over_bf16", "decode_bf16_over_fp32",
+    "bf16_prefill_over_base", "bf16_decode_over_merged",
+]  # fmt: skip
 
 # Public-domain style filler text; rows of a batch are windows at different offsets.
 PROMPT_TEXT = (
@@ -76,12 +87,16 @@ class E2EConfig:
     repeats: int = 3
     seed: int = 0
     clock: str = "cpu"
+    dtypes: tuple[str, ...] = ("float32",)
 
     def __post_init__(self) -> None:
         if self.new_tokens < 2:
             raise ValueError(f"new_tokens must be >= 2 to time decode steps, got {self.new_tokens}.")
         if max(self.k_values) > min(self.n_values):
             raise ValueError(f"k values {self.k_values} need every N >= max k; got N values {self.n_values}.")
+        unknown = [d for d in self.dtypes if d not in ("float32", "bfloat16")]
+        if unknown or not self.dtypes:
+            raise ValueError(f"dtypes must be float32 and/or bfloat16, got {self.dtypes}.")
 
 
 def target_linears(model: nn.Module, target_modules: Sequence[str]) -> dict[str, nn.Linear]:
@@ -312,15 +327,12 @@ def _check_logits(label: str, got: torch.Tensor, want: torch.Tensor) -> None:
 
 
 def run_e2e_benchmark(cfg: E2EConfig, adapter_root: Path) -> dict[str, Any]:
-    """Load the model, write the adapters, then for every N: grow the pools and measure all methods.
+    """Load the model, write the adapters, then per dtype and N: grow the pools and measure all methods.
 
-    Base, merged, ours and PEFT stay in memory together so each N stage interleaves all of them; base (the
-    prefill reference) and merged (the decode reference) are measured again at every stage.
+    Base, merged, ours (and PEFT in fp32) stay in memory together so each N stage interleaves all of them; base
+    (the prefill reference) and merged (the decode reference) are measured again at every stage.
     """
-    from peft import PeftModel
-
     from swift.llm.model import get_model_tokenizer
-    from swift.tuners.swift_model import Swift
 
     start = time.perf_counter()
     model, tokenizer = get_model_tokenizer(cfg.model_type)
@@ -328,40 +340,81 @@ def run_e2e_benchmark(cfg: E2EConfig, adapter_root: Path) -> dict[str, Any]:
     max_n, max_batch = max(cfg.n_values), max(cfg.batches)
     write_s = write_adapters(model, adapter_root, max_n, cfg)
     logger.info("wrote %d adapters to %s in %.1f s", max_n, adapter_root, write_s)
-    prefill_ids = token_windows(tokenizer, max_batch, cfg.prefill_tokens)
-    prompt_ids = token_windows(tokenizer, max_batch, cfg.prompt_tokens)
-    check_ids = prefill_ids[:, :16]
-    rows: list[dict[str, Any]] = []
-    loads: list[dict[str, Any]] = [{"method": "write_adapters", "N": max_n, "load_s": write_s}]
-    notes: list[str] = []
+    inputs = {
+        "prefill": token_windows(tokenizer, max_batch, cfg.prefill_tokens),
+        "prompt": token_windows(tokenizer, max_batch, cfg.prompt_tokens),
+        "pad": tokenizer.pad_token_id,
+    }
     gen = torch.Generator().manual_seed(cfg.seed)
-    routings = {(n, k): make_routing(max_batch, n, k, gen) for n in cfg.n_values for k in cfg.k_values}
-    names_all = [f"a{j}" for j in range(max_n)]
-    peft_ns = [n for n in cfg.n_values if n <= cfg.peft_max_n]
+    routings = {}
+    for n in cfg.n_values:
+        for k in cfg.k_values:
+            distinct = (
+                max_batch * k if n >= max_batch * k else None
+            )  # every slot its own adapter where possible
+            routings[(n, k)] = make_routing(max_batch, n, k, gen, distinct=distinct)
+    out: dict[str, Any] = {"rows": [], "loads": [{"method": "write_adapters", "N": max_n, "load_s": write_s}]}
+    out["notes"] = []
+    for dtype in cfg.dtypes:
+        part = _run_dtype(cfg, getattr(torch, dtype), model, adapter_root, routings, inputs)
+        out["rows"] += part["rows"]
+        out["loads"] += part["loads"]
+        out["notes"] += part["notes"]
+        gc.collect()
+    add_e2e_ratios(out["rows"])
+    return out
+
+
+def _run_dtype(
+    cfg: E2EConfig,
+    dtype: torch.dtype,
+    model: nn.Module,
+    adapter_root: Path,
+    routings: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]],
+    inputs: dict[str, Any],
+) -> dict[str, Any]:
+    """Every N stage of one dtype: models in ``dtype`` (adapter banks too), methods measured round-robin."""
+    from peft import PeftModel
+
+    from swift.tuners.swift_model import Swift
+
+    label = str(dtype).removeprefix("torch.")
+    peft_ns = [n for n in cfg.n_values if n <= cfg.peft_max_n] if dtype == torch.float32 else []
     skipped = [n for n in cfg.n_values if n > cfg.peft_max_n]
-    if skipped:
+    notes = []
+    if dtype == torch.float32 and skipped:
         notes.append(
             f"PEFT mixed batch measured at N={peft_ns} only; N={skipped} skipped: PeftModel.load_adapter scans "
             "every module per call, so loading N adapters is quadratic in N (see the load table; raise "
             "--peft-max-n to include them)."
         )
-
+    rows: list[dict[str, Any]] = []
+    loads: list[dict[str, Any]] = []
+    names_all = [f"a{j}" for j in range(max(cfg.n_values))]
+    check_ids = inputs["prefill"][:, :16]
     with torch.inference_mode():
+        base = copy.deepcopy(model).to(dtype)
         merged = copy.deepcopy(model)
-        fold_adapter(merged, 0, cfg)
-        ours = copy.deepcopy(model)
+        fold_adapter(merged, 0, cfg)  # folded in fp32, then cast: one rounding of W + s B A
+        merged = merged.to(dtype)
+        ours = copy.deepcopy(base)
         peft_model = None
         loaded = {"ours": 0, "peft": 0}
         load_s = {"ours": 0.0, "peft": 0.0}
         for n in cfg.n_values:
             # Loading is timed on the wall clock: it includes reading the adapter files.
             start = time.perf_counter()
-            for j in tqdm(range(loaded["ours"], n), desc=f"Swift.from_pretrained -> N={n}", unit="adapter"):
-                ours = Swift.from_pretrained(ours, adapter_root / f"a{j}", adapter_name=f"a{j}")
+            for j in tqdm(
+                range(loaded["ours"], n), desc=f"{label} Swift.from_pretrained -> N={n}", unit="adapter"
+            ):
+                ours = Swift.from_pretrained(
+                    ours, adapter_root / f"a{j}", adapter_name=f"a{j}", lora_dtype=dtype
+                )
             load_s["ours"] += time.perf_counter() - start
             loaded["ours"] = n
             loads.append(
                 {
+                    "dtype": label,
                     "method": "ours",
                     "N": n,
                     "load_s": load_s["ours"],
@@ -382,6 +435,7 @@ def run_e2e_benchmark(cfg: E2EConfig, adapter_root: Path) -> dict[str, Any]:
                 loaded["peft"] = n
                 loads.append(
                     {
+                        "dtype": label,
                         "method": "peft",
                         "N": n,
                         "load_s": load_s["peft"],
@@ -396,13 +450,18 @@ def run_e2e_benchmark(cfg: E2EConfig, adapter_root: Path) -> dict[str, Any]:
             names = names_all[:n]
             # base is the prefill reference, merged the decode reference (they cost the same FLOPs).
             runners = {
-                "base": plain_runner(model, decode=False),
+                "base": plain_runner(base, decode=False),
                 "merged": plain_runner(merged, prefill=False),
             }
             labels = {"base": {"method": "base", "N": n}, "merged": {"method": "merged", "N": n}}
             for k in cfg.k_values:
                 runners[f"ours_k{k}"] = ours_runner(ours, routings[(n, k)], names)
-                labels[f"ours_k{k}"] = {"method": f"ours_k{k}", "N": n, "k": k}
+                labels[f"ours_k{k}"] = {
+                    "method": f"ours_k{k}",
+                    "N": n,
+                    "k": k,
+                    "routing": routings[(n, k)][0],
+                }
             if peft_model is not None:
                 row_names = [f"a{i}" for i in routings[(n, 1)][0][:, 0].tolist()]
                 with ours.mixture(routings[(n, 1)], names):
@@ -411,22 +470,50 @@ def run_e2e_benchmark(cfg: E2EConfig, adapter_root: Path) -> dict[str, Any]:
                 _check_logits(f"PEFT vs ours (k=1, N={n})", got, want)
                 runners["peft_k1"] = peft_runner(peft_model, row_names)
                 labels["peft_k1"] = {"method": "peft_k1", "N": n, "k": 1}
-            rows += measure_runners(runners, labels, cfg, prefill_ids, prompt_ids, tokenizer.pad_token_id)
-    add_e2e_ratios(rows)
+            for lab in labels.values():
+                lab["dtype"] = label
+            stage = measure_runners(runners, labels, cfg, inputs["prefill"], inputs["prompt"], inputs["pad"])
+            for row in stage:
+                routing = row.pop("routing", None)
+                if routing is not None:
+                    row["distinct"] = int(routing[: row["batch"]].unique().numel())
+            rows += stage
     return {"rows": rows, "loads": loads, "notes": notes}
 
 
 def add_e2e_ratios(rows: list[dict[str, Any]]) -> None:
-    """prefill ours/base, decode ours/merged (tok/s), and ours(k=1) against PEFT at the same N and batch."""
-    by = {(r["method"], r.get("N"), r["batch"]): r for r in rows}
+    """prefill ours/base, decode ours/merged (tok/s), and ours(k=1) against PEFT, at the same dtype, N and batch."""
+    by = {(r["dtype"], r["method"], r.get("N"), r["batch"]): r for r in rows}
     for row in rows:
         if not row["method"].startswith("ours"):
             continue
-        base = by[("base", row["N"], row["batch"])]
-        merged = by[("merged", row["N"], row["batch"])]
+        key = (row["dtype"], row["N"], row["batch"])
+        base = by[(key[0], "base", *key[1:])]
+        merged = by[(key[0], "merged", *key[1:])]
         row["prefill_over_base"] = row["prefill_ms"] / base["prefill_ms"]
         row["decode_over_merged"] = row["decode_tok_s"] / merged["decode_tok_s"]
-        peft = by.get(("peft_k1", row["N"], row["batch"]))
+        peft = by.get((key[0], "peft_k1", *key[1:]))
         if row["method"] == "ours_k1" and peft is not None:
             row["peft_over_ours_prefill"] = peft["prefill_ms"] / row["prefill_ms"]
             row["ours_over_peft_decode"] = row["decode_tok_s"] / peft["decode_tok_s"]
+
+
+def dtype_speedups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For every method measured in float32 and bfloat16: bf16's prefill and decode speed-up over fp32."""
+    by = {(r["dtype"], r["method"], r.get("N"), r["batch"]): r for r in rows}
+    out = []
+    for row in rows:
+        if row["dtype"] != "bfloat16":
+            continue
+        fp32 = by.get(("float32", row["method"], row.get("N"), row["batch"]))
+        if fp32 is None:
+            continue
+        entry = {key: row.get(key) for key in ("method", "N", "k", "batch", "distinct")}
+        if row.get("prefill_ms") and fp32.get("prefill_ms"):
+            entry["prefill_fp32_over_bf16"] = fp32["prefill_ms"] / row["prefill_ms"]
+        if row.get("decode_tok_s") and fp32.get("decode_tok_s"):
+            entry["decode_bf16_over_fp32"] = row["decode_tok_s"] / fp32["decode_tok_s"]
+        for key in ("prefill_over_base", "decode_over_merged"):
+            entry[f"bf16_{key}"] = row.get(key)
+        out.append(entry)
+    return out

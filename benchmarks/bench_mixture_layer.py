@@ -54,7 +54,7 @@ SMOLLM2_SHAPES: dict[str, tuple[int, int]] = {
 }
 
 LAYER_COLUMNS = [
-    "layer", "N", "k", "batch", "T", "R_U", "L",
+    "layer", "N", "k", "batch", "T", "distinct", "R_U", "L",
     "base_us", "merged_us", "peft_us", "naive_us", "ours_us",
     "ours_first_us", "ours_cold_us", "ours_steady_us", "union_us", "gather_us",
     "auto_kernel", "auto_vs_best", "ours_over_base", "naive_over_ours", "peft_over_ours",
@@ -80,11 +80,26 @@ def make_pool(n: int, r: int, lora_alpha: float, in_f: int, out_f: int, gen: tor
     return AdapterPool(lora_A, lora_B, lora_alpha / r)
 
 
-def make_routing(batch: int, n: int, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """``k`` distinct random adapters per sample (``[batch, k]`` indices) with positive weights summing to 1."""
+def make_routing(
+    batch: int, n: int, k: int, gen: torch.Generator, *, distinct: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``k`` distinct adapters per sample (``[batch, k]`` indices) with positive weights summing to 1.
+
+    ``distinct=None``: each sample draws its ``k`` at random (samples may share adapters). ``distinct=D``: the
+    batch uses exactly ``min(D, batch * k)`` adapters, a random subset of the pool assigned round-robin, so the
+    pool size N can change while the batch's adapter diversity stays fixed (``D >= k``; ``D = batch * k``: every
+    slot of the batch a different adapter).
+    """
     if k > n:
         raise ValueError(f"k={k} adapters per sample needs a pool of at least k adapters, got N={n}.")
-    indices = torch.stack([torch.randperm(n, generator=gen)[:k] for _ in range(batch)])
+    if distinct is None:
+        indices = torch.stack([torch.randperm(n, generator=gen)[:k] for _ in range(batch)])
+    else:
+        if not k <= distinct <= n:
+            raise ValueError(f"distinct={distinct} must be between k={k} and the pool size N={n}.")
+        subset = torch.randperm(n, generator=gen)[: min(distinct, batch * k)]
+        slots = torch.arange(batch * k).view(batch, k) % subset.numel()
+        indices = subset[slots]
     weights = torch.rand(batch, k, generator=gen) + 0.1
     return indices, weights / weights.sum(dim=1, keepdim=True)
 
@@ -249,16 +264,18 @@ def measure_cell(
     timing: TimingConfig,
     seed: int,
     naive_us: float | None = None,
+    distinct: int | None = None,
 ) -> dict[str, Any]:
     """All methods of one cell; times in microseconds. Checks ours against naive (and PEFT at k=1) first.
 
     ``naive_us``: the naive loop's time from another cell with the same (layer, N, batch, T); its cost
-    doesn't depend on k (it runs all N adapters), so it is measured once and reused.
+    doesn't depend on k (it runs all N adapters), so it is measured once and reused. ``distinct``: adapters
+    the batch uses (``make_routing``); None = random per sample.
     """
     gen = torch.Generator().manual_seed(seed)
     in_f = layers["base"].in_features
     x = torch.randn(batch, tokens, in_f, generator=gen)
-    indices, weights = make_routing(batch, n, k, gen)
+    indices, weights = make_routing(batch, n, k, gen, distinct=distinct)
     routing = (indices, weights)
     names = pool.names[:n]
     dense = torch.zeros(batch, n).scatter_(1, indices, weights)
@@ -281,6 +298,7 @@ def measure_cell(
             layers, x, routing, names, dense, peft, peft_names, naive_us, decode, timing, stack
         )
     row: dict[str, Any] = {"layer": layer_name, "N": n, "k": k, "batch": batch, "T": tokens}
+    row["distinct"] = int(indices.unique().numel())
     # Union rows (distinct adapters used by the batch x r) and rows per sample: what _choose_kernel weighs.
     row["R_U"] = int(indices.unique().numel()) * pool.lora_A[0].shape[0]
     row["L"] = k * pool.lora_A[0].shape[0]
@@ -308,8 +326,9 @@ def run_layer_benchmark(
     lora_alpha: float,
     timing: TimingConfig,
     seed: int,
+    distinct: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Every cell of the sweep, as rows of ``LAYER_COLUMNS``."""
+    """Every cell of the sweep, as rows of ``LAYER_COLUMNS``; ``distinct``: see ``make_routing``."""
     unknown = [name for name in layer_names if name not in SMOLLM2_SHAPES]
     if unknown:
         raise ValueError(f"unknown layer names {unknown}; choose from {sorted(SMOLLM2_SHAPES)}.")
@@ -356,6 +375,7 @@ def run_layer_benchmark(
                             timing=timing,
                             seed=cell_seed,
                             naive_us=naive_us.get((batch, tokens)),
+                            distinct=distinct,
                         )
                         naive_us[(batch, tokens)] = row["naive_us"]
                         rows.append(row)
