@@ -473,3 +473,22 @@ def test_hooks_on_the_base_layer_still_run_under_a_mixture(lone_layer):
             handle.remove()
     assert seen == ["local", "Linear"]
     assert torch.allclose(hooked, plain + 1.0, atol=TOL)  # the hook's output replaced the base output
+
+
+def test_prefill_and_decode_phases_pick_their_own_kernel(lone_layer):
+    """A batch whose adapters overlap: gather for several tokens per sample, union for one (fewer rows read)."""
+    names = [f"n{j}" for j in range(4)]  # ranks 2, 4, 3, 5
+    chosen = [0, 2, 3, 0, 2, 3]  # R_U = 10 rows, one sample's L = 5: 10 >= 2 L, but 10 < 0.6 * 6 * 5
+    weights = torch.zeros(6, 4)
+    weights[torch.arange(6), chosen] = torch.tensor([1.0, 0.5, 0.8, 0.3, 1.2, 0.7])
+    rows = [dict(zip(names, w)) for w in weights.tolist()]
+    kernels = []
+    with torch.no_grad(), lora_mixture_context(weights, names):
+        for tokens in (5, 1, 1, 4):
+            x = torch.randn(6, tokens, 16)
+            y = lone_layer(x)
+            kernels.append(mixture_kernels()["blocks.0.fc"])
+            for i in range(6):
+                expected = lone_layer.base_layer(x[i]) + manual_delta(lone_layer, x[i], rows[i])
+                assert (y[i] - expected).abs().max() <= TOL
+    assert kernels == ["gather", "union", "union", "gather"]

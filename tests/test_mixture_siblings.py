@@ -15,7 +15,7 @@ from torch import nn
 from swift.tuners import Swift, lora_layers, lora_mixture_context
 from swift.tuners.swift_model import SwiftModel
 from tests.factories import VOCAB, make_lora_dir, tiny_causal_lm
-from tests.tolerances import SAME_SHAPES_ATOL
+from tests.tolerances import SAME_SHAPES_ATOL, assert_close
 
 NAMES = ["a", "b", "c"]
 WEIGHTS = torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.3, 0.7], [1.0, 0.0, 0.0], [0.2, 0.2, 0.6]])
@@ -68,6 +68,32 @@ def test_siblings_share_one_projection_and_match_layers_alone(llama_pool, kernel
     )
     assert groups[0].uses == 3  # the last decode-free forward: q projected, k and v read its columns
     assert (together - alone).abs().max().item() <= SAME_SHAPES_ATOL
+
+
+def test_generate_switches_kernels_between_prefill_and_decode(llama_pool):
+    """Batch 6 on a, b, c (k=1): q/v gather at prefill, union at decode (k_proj lacks c: union in both);
+    every decode step's logits match a full forward over the sequence so far."""
+    weights = torch.zeros(6, 3)
+    weights[torch.arange(6), torch.tensor([0, 1, 2, 0, 1, 2])] = 1.0
+    q = dict(llama_pool.lora_layers())["model.layers.0.self_attn.q_proj"].module_name
+    ids = torch.randint(3, VOCAB, (6, 5), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode(), lora_mixture_context(weights, NAMES):
+        llama_pool(input_ids=ids)
+        prefill_kernel = lora_layers.mixture_kernels()[q]
+        out = llama_pool.generate(
+            input_ids=ids,
+            max_new_tokens=4,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        decode_kernel = lora_layers.mixture_kernels()[q]
+    with torch.inference_mode(), lora_mixture_context(weights, NAMES, kernel="gather"):
+        full = llama_pool(input_ids=out.sequences[:, :-1]).logits[:, ids.shape[1] - 1 :]
+    assert (prefill_kernel, decode_kernel) == ("gather", "union")
+    assert_close(torch.stack(out.logits, dim=1), full, same_shapes=False, what="decode steps vs full forward")
 
 
 class CrossBlock(nn.Module):

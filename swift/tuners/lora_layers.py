@@ -191,7 +191,9 @@ class _MixtureState:
     used_weights: torch.Tensor = field(init=False)
     plans: dict[tuple, _LayoutPlan] = field(default_factory=dict)  # shared by layers with one layout
     layers: dict[int, _LayerCache] = field(default_factory=dict)  # per layer (by id): plan + gathered rows
-    groups: dict[int, _SiblingGroup | None] = field(default_factory=dict)  # by id of the first sibling
+    groups: dict[tuple[int, bool], _SiblingGroup | None] = field(
+        default_factory=dict
+    )  # (first sibling, phase)
     borrowed: list[tuple[list, torch.Tensor]] = field(default_factory=list)  # workspace to give back at exit
     kernels: dict[str, str] = field(default_factory=dict)  # module name -> kernel its last call ran
 
@@ -346,13 +348,15 @@ class _LayerCache:
 
     plan: _LayoutPlan | None
     lead: int  # leading dimension of the activations it was built for
+    one_token_numel: int  # lead x in_features: an activation this size has one token per row (decode)
+    one_token: bool = False  # the phase it was built for: decode (one token per row) or prefill
     kernel: str | None = None  # "union" / "gather"; None: no adapter of the batch lives in this layer
     gather: bool = False  # kernel == "gather"
     base: nn.Linear | None = (
         None  # the base layer if exactly nn.Linear: called as F.linear when it has no hooks
     )
     base_params: tuple = ()  # its (weight, bias) for this context
-    fp32_max_numel: int = -1  # activations this small compute in fp32 (reduced-precision banks only)
+    fp32_max_numel: int = 0  # activations this small compute in fp32 (reduced-precision banks only)
     a_t: torch.Tensor | None = None  # gather: [batch, in, L]; union: [in, R_U] (views of the gathered A rows)
     b: torch.Tensor | None = None  # gather: [batch, L, out] scaled; union: [R_U, out], scaled when uniform
     coef: torch.Tensor | None = None  # union with per-sample coefficients: [lead, 1, R_U]; else None
@@ -412,7 +416,8 @@ class _SiblingGroup:
         if self.uses == 1:  # the previous input served its own member only: inputs aren't shared here
             self.shared, self.x, self.hidden = False, None, None
             return None
-        self.hidden = _project(xl, *self.operands(fp32), lead, self.kernel)
+        a_t, coef = self.operands(fp32) if fp32 else (self.a_t, self.coef)
+        self.hidden = _project(xl, a_t, coef, lead, self.kernel)
         self.x, self.version, self.uses = x, None if x.is_inference() else x._version, 1
         return self.hidden
 
@@ -431,20 +436,25 @@ def _project(
     return hidden
 
 
-# Kernel selection (measured; see docs/decisions.md): once the batch's union of rows is clearly wider than one
-# sample's rows (samples use different adapters), per-sample gather + bmm does R_U / L times fewer FLOPs and
-# wins at every T, decode included (its gathered rows are cached for the context); when samples share
-# adapters, the union GEMM wins. Read-only tuned default: to force a kernel, pass ``kernel=`` to the context.
+# Kernel selection (measured; see docs/decisions.md §17). With several tokens per sample (prefill), per-sample
+# gather + bmm does R_U / L times fewer FLOPs than the union GEMM and wins once the batch's union of rows is
+# twice one sample's rows. With one token per sample (decode) the rows read per step decide: the union reads
+# each used row once, the gather batch x L rows, so the union wins until the batch's adapters are mostly
+# distinct (R_U >= 0.6 batch x L). Read-only tuned defaults: to force a kernel, pass ``kernel=`` to the context.
 GATHER_MIN_UNION_RATIO = 2.0
+GATHER_MIN_DISTINCT_SHARE = 0.6
 
 
-def _choose_kernel(plan: _LayoutPlan, per_sample_rows: bool, requested: str) -> str:
-    """``requested`` ("auto" / "union" / "gather") -> the kernel a layer runs for the whole context."""
+def _choose_kernel(plan: _LayoutPlan, per_sample_rows: bool, requested: str, one_token: bool) -> str:
+    """``requested`` ("auto" / "union" / "gather") -> the kernel a layer runs in this context and phase."""
     if not per_sample_rows:
         return "union"  # rows are not samples (vision tower under row_index): only the union kernel applies
     if requested != "auto":
         return requested
-    if plan.union_rows.numel() < GATHER_MIN_UNION_RATIO * plan.max_rows:
+    rows = plan.union_rows.numel()
+    if rows < GATHER_MIN_UNION_RATIO * plan.max_rows:
+        return "union"
+    if one_token and rows < GATHER_MIN_DISTINCT_SHARE * plan.union_coef.shape[0] * plan.max_rows:
         return "union"
     return "gather"
 
@@ -622,8 +632,14 @@ class LoraLinear(nn.Module):
         if state is None:
             return self._forward_outside_mixture(x, *args, **kwargs)
         cache = state.layers.get(id(self))
-        if cache is None or cache.lead != x.shape[0]:
-            cache = self._prepare(x, state)  # first call in this context: plan and gather once
+        if (
+            cache is None
+            or cache.lead != x.shape[0]
+            or cache.one_token != (x.numel() == cache.one_token_numel)
+        ):
+            cache = self._prepare(
+                x, state, cache
+            )  # first call in this context or phase: plan and gather once
         if cache.kernel is None:
             return self.base_layer(x, *args, **kwargs)  # no adapter of the batch lives in this layer
         base = cache.base
@@ -664,7 +680,7 @@ class LoraLinear(nn.Module):
         """``result + sum_j w_ij s_j B_j A_j x_i``; in place (one GEMM into the output) when no grad is needed."""
         lead, out, gather = cache.lead, self.out_features, cache.gather
         # bf16/fp16 GEMMs cost ~30 us a call however small (oneDNN), fp32 ones 2-5 us: few rows compute in fp32
-        fp32 = x.numel() <= cache.fp32_max_numel
+        fp32 = cache.fp32_max_numel > 0 and x.numel() <= cache.fp32_max_numel
         dtype = torch.float32 if fp32 else self.lora_dtype
         a_t, b, coef = cache.operands(fp32) if fp32 else (cache.a_t, cache.b, cache.coef)
         xl = x if x.dtype == dtype else x.to(dtype)
@@ -686,14 +702,24 @@ class LoraLinear(nn.Module):
         delta = torch.bmm(hidden, b) if gather else torch.mm(hidden, b)
         return result + delta.view(result.shape).to(result.dtype)
 
-    def _prepare(self, x: torch.Tensor, state: _MixtureState) -> _LayerCache:
-        """This layer's first call in a context: plan, kernel and gathered rows, kept for every later call.
+    def _prepare(self, x: torch.Tensor, state: _MixtureState, previous: _LayerCache | None) -> _LayerCache:
+        """This layer's first call in a context (or phase): plan, kernel and gathered rows, kept for later calls.
 
-        The first of a set of siblings prepares them all and gathers their A rows side by side.
+        A context runs a prefill (several tokens per sample) and then decode steps (one token): a phase change
+        keeps the rows gathered so far when the kernel stays the same. The first of a set of siblings prepares
+        them all and gathers their A rows side by side.
         """
-        if self.siblings and id(self.siblings[0]) not in state.groups:
+        lead = x.shape[0]
+        one_token = x.numel() == lead * self.in_features
+        if previous is not None and previous.lead == lead and previous.kernel is not None:
+            kernel = _choose_kernel(previous.plan, previous.samples is None, state.kernel, one_token)
+            if kernel == previous.kernel:
+                previous.one_token = one_token
+                return previous
+        key = (id(self.siblings[0]), one_token) if self.siblings else None
+        if key is not None and key not in state.groups:
             caches = [layer._plan_call(x, state) for layer in self.siblings]
-            state.groups[id(self.siblings[0])] = _gather_siblings(self.siblings, caches, state)
+            state.groups[key] = _gather_siblings(self.siblings, caches, state)
             return state.layers[id(self)]
         cache = self._plan_call(x, state)
         if cache.kernel is not None:
@@ -703,10 +729,12 @@ class LoraLinear(nn.Module):
     def _plan_call(self, x: torch.Tensor, state: _MixtureState) -> _LayerCache:
         """Plan, rows -> samples map and kernel for activations like ``x``; registered in the state."""
         plan = self._plan(state)
-        cache = _LayerCache(plan, lead=x.shape[0])
+        lead = x.shape[0]
+        cache = _LayerCache(plan, lead=lead, one_token_numel=lead * self.in_features)
+        cache.one_token = x.numel() == cache.one_token_numel
         if plan is not None:
             cache.samples = self._row_samples(x, state)  # [lead] sample of every leading row, or None
-            cache.kernel = _choose_kernel(plan, per_sample_rows=cache.samples is None, requested=state.kernel)
+            cache.kernel = _choose_kernel(plan, cache.samples is None, state.kernel, cache.one_token)
             cache.gather = cache.kernel == "gather"
             if type(self.base_layer) is nn.Linear:
                 cache.base = self.base_layer
@@ -836,9 +864,9 @@ class LoraLinear(nn.Module):
         return f"module_name={self.module_name!r}, adapters={list(self.slots)}, active={list(self.active_adapters)}"
 
 
-# torch's global module hooks (``register_module_forward_hook`` & co.): a base layer called as F.linear must not
-# skip them. Looked up once; if a torch release renames them, only local hooks are checked.
-_GLOBAL_HOOKS = tuple(
+# torch's global module hooks (``register_module_forward_hook`` & co., dicts torch mutates in place): a base
+# layer called as F.linear must not skip them. If a torch release renames them, only local hooks are checked.
+_GLOBAL_FORWARD_PRE, _GLOBAL_FORWARD, _GLOBAL_BACKWARD_PRE, _GLOBAL_BACKWARD = (
     getattr(nn.modules.module, name, {})
     for name in (
         "_global_forward_pre_hooks",
@@ -856,7 +884,10 @@ def _has_hooks(module: nn.Module) -> bool:
         or module._forward_hooks
         or module._backward_pre_hooks
         or module._backward_hooks
-        or any(_GLOBAL_HOOKS)
+        or _GLOBAL_FORWARD_PRE
+        or _GLOBAL_FORWARD
+        or _GLOBAL_BACKWARD_PRE
+        or _GLOBAL_BACKWARD
     )
 
 
