@@ -18,6 +18,11 @@ from tests.tolerances import SAME_SHAPES_ATOL, assert_close
 # Same ops on same shapes (tiny models, O(1) values): the strict bound of tests/tolerances.py.
 TOL = SAME_SHAPES_ATOL
 
+# generate() kwargs for comparing every decode step's logits with a full forward.
+GREEDY_WITH_LOGITS = dict(
+    do_sample=False, pad_token_id=0, eos_token_id=None, output_logits=True, return_dict_in_generate=True
+)
+
 # Three adapters with different ranks, alphas, rsLoRA-free, and different target modules.
 POOL_SPECS = {
     "a0": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], seed=1),
@@ -172,15 +177,7 @@ def test_decode_steps_keep_routing(pool):
     input_ids = torch.randint(3, VOCAB, (3, 6))
     weights = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
     with torch.no_grad(), lora_mixture_context(weights, NAMES):
-        out = model.generate(
-            input_ids=input_ids,
-            max_new_tokens=5,
-            do_sample=False,
-            pad_token_id=0,
-            eos_token_id=None,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
+        out = model.generate(input_ids=input_ids, max_new_tokens=5, **GREEDY_WITH_LOGITS)
         full = model(input_ids=out.sequences[:, :-1]).logits[:, input_ids.shape[1] - 1 :]
     steps = torch.stack(out.logits, dim=1)
     assert_close(steps, full, same_shapes=False, what="decode steps vs full forward")  # T=1 vs T=n GEMMs

@@ -17,31 +17,19 @@ import copy
 import pytest
 import torch
 
-from swift.tuners import Swift, lora_layers, lora_mixture_context
-from tests.factories import VOCAB, make_lora_dir, tiny_causal_lm
+from swift.tuners import lora_layers, lora_mixture_context
+from tests.factories import VOCAB, tiny_causal_lm
+from tests.test_mixture_siblings import NAMES, WEIGHTS, three_adapter_pool
 
 BF16_RTOL = 2**-5
-NAMES = ["a", "b", "c"]
-WEIGHTS = torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.3, 0.7], [1.0, 0.0, 0.0], [0.2, 0.2, 0.6]])
 
 
 @pytest.fixture(scope="module")
 def bf16_pool(tmp_path_factory):
     """(fp32 base model, the pool loaded into a bf16 copy with bf16 banks)."""
-    base = tiny_causal_lm("llama")
     root = tmp_path_factory.mktemp("bf16")
-    model = None
-    for j, name in enumerate(NAMES):
-        make_lora_dir(
-            base, root / name, r=4 + 2 * j, lora_alpha=16, target_modules="all-linear", seed=20 + j, std=0.1
-        )
-        model = Swift.from_pretrained(
-            model or copy.deepcopy(base).to(torch.bfloat16),
-            root / name,
-            adapter_name=name,
-            lora_dtype=torch.bfloat16,
-        )
-    return base, model
+    model = three_adapter_pool(root, dtype=torch.bfloat16, narrow_c=False, lora_alpha=16, seed=20, std=0.1)
+    return tiny_causal_lm("llama"), model
 
 
 def merged_reference(base, model, weights: list[float]) -> torch.nn.Module:

@@ -15,23 +15,39 @@ from torch import nn
 from swift.tuners import Swift, lora_layers, lora_mixture_context
 from swift.tuners.swift_model import SwiftModel
 from tests.factories import VOCAB, make_lora_dir, tiny_causal_lm
+from tests.test_mixture import GREEDY_WITH_LOGITS
 from tests.tolerances import SAME_SHAPES_ATOL, assert_close
 
 NAMES = ["a", "b", "c"]
 WEIGHTS = torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.3, 0.7], [1.0, 0.0, 0.0], [0.2, 0.2, 0.6]])
 
 
-@pytest.fixture(scope="module")
-def llama_pool(tmp_path_factory):
+def three_adapter_pool(
+    root, *, dtype: torch.dtype = torch.float32, narrow_c: bool = True, **spec
+) -> SwiftModel:
+    """Adapters a, b, c (ranks 4, 6, 8) on a tiny Llama, loaded with ``dtype`` model and banks.
+
+    ``narrow_c``: "c" skips k_proj and up_proj (siblings with different layouts); ``spec``: ``make_lora_dir``
+    keywords (``lora_alpha``, ``seed`` offset as ``seed``, ``std``).
+    """
     base = tiny_causal_lm("llama")
-    root = tmp_path_factory.mktemp("siblings")
+    seed = spec.pop("seed", 10)
     model = None
     for j, name in enumerate(NAMES):
-        # "c" skips k_proj and up_proj: siblings with different layouts still share one group
-        targets = "all-linear" if name != "c" else ["q_proj", "v_proj", "gate_proj", "down_proj", "o_proj"]
-        make_lora_dir(base, root / name, r=4 + 2 * j, lora_alpha=8, target_modules=targets, seed=10 + j)
-        model = Swift.from_pretrained(model or copy.deepcopy(base), root / name, adapter_name=name)
+        targets = "all-linear" if name != "c" or not narrow_c else C_TARGETS
+        make_lora_dir(base, root / name, r=4 + 2 * j, target_modules=targets, seed=seed + j, **spec)
+        model = Swift.from_pretrained(
+            model or copy.deepcopy(base).to(dtype), root / name, adapter_name=name, lora_dtype=dtype
+        )
     return model
+
+
+C_TARGETS = ["q_proj", "v_proj", "gate_proj", "down_proj", "o_proj"]
+
+
+@pytest.fixture(scope="module")
+def llama_pool(tmp_path_factory):
+    return three_adapter_pool(tmp_path_factory.mktemp("siblings"), lora_alpha=8)
 
 
 def unlinked(model: SwiftModel) -> SwiftModel:
@@ -80,15 +96,7 @@ def test_generate_switches_kernels_between_prefill_and_decode(llama_pool):
     with torch.inference_mode(), lora_mixture_context(weights, NAMES):
         llama_pool(input_ids=ids)
         prefill_kernel = lora_layers.mixture_kernels()[q]
-        out = llama_pool.generate(
-            input_ids=ids,
-            max_new_tokens=4,
-            do_sample=False,
-            pad_token_id=0,
-            eos_token_id=None,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
+        out = llama_pool.generate(input_ids=ids, max_new_tokens=4, **GREEDY_WITH_LOGITS)
         decode_kernel = lora_layers.mixture_kernels()[q]
     with torch.inference_mode(), lora_mixture_context(weights, NAMES, kernel="gather"):
         full = llama_pool(input_ids=out.sequences[:, :-1]).logits[:, ids.shape[1] - 1 :]
