@@ -73,13 +73,17 @@ class ServiceConfig:
     max_batch_size: int = field(default=16, metadata={"help": "generation requests decoded together at most"})
     max_wait_ms: float = field(
         default=10.0,
-        metadata={"help": "how long the first request of a batch waits for others to join (milliseconds)"},
+        metadata={
+            "help": "a forming batch closes once this long passes with no new request arriving; each arrival "
+            "keeps it open this much longer (milliseconds)"
+        },
     )
     max_prepare_wait_ms: float = field(
         default=500.0,
         metadata={
-            "help": "beyond --max_wait_ms, how long a batch waits for requests already received and still being "
-            "prepared (tokenized, retrieved), so a burst of clients shares one batch (milliseconds)"
+            "help": "the longest a batch stays open after its first request, however requests keep arriving; up "
+            "to it, a batch also waits for requests already received and still being prepared (tokenized, "
+            "retrieved), so a burst of clients shares one batch (milliseconds)"
         },
     )
     top_k: int = field(default=3, metadata={"help": 'adapters retrieved per input for model "auto"'})

@@ -229,10 +229,12 @@ class Scheduler:
     Args:
         run_batch: called on the scheduler thread with a list of ``RequestHandle``s to decode together.
         max_batch_size: requests per batch at most.
-        max_wait_ms: after the first request of a batch arrives, wait this long for more to join.
-        max_prepare_wait_ms: beyond ``max_wait_ms``, wait up to this long (from the first request) for requests
-            the server has already received but is still preparing (``preparing()``: parsing, tokenizing,
-            retrieving), so a burst of clients lands in one batch instead of trailing into the next.
+        max_wait_ms: a batch closes once this long has passed without a new request arriving (each arrival,
+            queued or still being prepared, keeps the window open another ``max_wait_ms``).
+        max_prepare_wait_ms: the window never stays open longer than this from the batch's first request; up to
+            it, a batch also waits for requests the server has already received but is still preparing
+            (``preparing()``: parsing, tokenizing, retrieving), so a burst of clients that trickles in over more
+            than ``max_wait_ms`` lands in one batch instead of trailing into the next.
         metrics: queue depth is exported here.
     """
 
@@ -251,6 +253,7 @@ class Scheduler:
         self.max_prepare_wait = max(max_prepare_wait_ms, max_wait_ms) / 1000.0
         self.metrics = metrics
         self._preparing = 0
+        self._last_arrival = 0.0  # perf_counter of the latest submit() or preparing() entry
         self._pending: deque[RequestHandle] = deque()
         self._cond = threading.Condition()
         self._stopping = False
@@ -278,6 +281,8 @@ class Scheduler:
         """Mark one received request as being prepared until it is submitted (or refused)."""
         with self._cond:
             self._preparing += 1
+            self._last_arrival = time.perf_counter()
+            self._cond.notify_all()
         try:
             yield
         finally:
@@ -290,6 +295,7 @@ class Scheduler:
             if self._stopping:
                 raise RuntimeError("the server is shutting down; retry later")
             self._pending.append(handle)
+            self._last_arrival = time.perf_counter()
             self.metrics.queue_depth.set(len(self._pending))
             self._cond.notify_all()
 
@@ -314,7 +320,11 @@ class Scheduler:
                         handle.fail(err)
 
     def _next_batch(self) -> list[RequestHandle] | None:
-        """Block for the first request, then gather compatible ones until full or ``max_wait`` passed."""
+        """Block for the first request, then gather compatible ones until full or the window closes.
+
+        The window closes ``max_wait`` after the latest arrival, or ``max_prepare_wait`` after the first request,
+        whichever comes first; while a received request is still being prepared it stays open to the latter.
+        """
         with self._cond:
             while not self._pending and not self._stopping:
                 self._cond.wait()
@@ -324,12 +334,14 @@ class Scheduler:
             batch = [first]
             key = first.request.batch_key()
             start = time.perf_counter()
-            deadline, prepare_deadline = start + self.max_wait, start + self.max_prepare_wait
+            last_call = start + self.max_prepare_wait
             while len(batch) < self.max_batch_size:
                 batch.extend(self._take_compatible(key, self.max_batch_size - len(batch)))
                 now = time.perf_counter()
-                # Past max_wait, keep waiting only for requests already received and still being prepared.
-                until = deadline if now < deadline or not self._preparing else prepare_deadline
+                # A burst keeps the window open: max_wait after the latest arrival (never before max_wait after
+                # the first), longer for requests already received and still being prepared; never past last_call.
+                quiet_until = max(start, self._last_arrival) + self.max_wait
+                until = last_call if self._preparing else min(quiet_until, last_call)
                 if len(batch) >= self.max_batch_size or now >= until or self._stopping:
                     break
                 self._cond.wait(until - now)
