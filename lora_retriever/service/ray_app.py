@@ -13,7 +13,8 @@ Start (local single-node Ray; ``--address auto`` joins a cluster started with ``
     python -m lora_retriever.service.ray_app --pool POOL.json --num_replicas 2     # or: make serve-ray
     curl -s localhost:8000/v1/models
 
-A Serve config file (``serve deploy``) names ``lora_retriever.service.ray_app:build_app`` with the same
+The service's settings resolve as ``lora-retriever serve`` resolves them (flags > ``LORA_RETRIEVER_*`` >
+``--config FILE`` > defaults). A Serve config file (``serve deploy``) names ``lora_retriever.service.ray_app:build_app`` with the same
 settings as ``args`` (``deploy/serve.yaml``; docs/deploy.md has the multi-node recipe).
 
 What the deployment does not do: jobs (``/train``, ``/evaluate``: run them with ``lora-retriever-serve`` or
@@ -36,6 +37,7 @@ from typing import Any
 from lora_retriever.service.config import ServiceConfig
 from lora_retriever.service.metrics import ServiceMetrics
 from lora_retriever.service.scheduler import RequestHandle
+from lora_retriever.service.settings import add_settings_flags, load_config
 from swift.utils import get_logger
 
 logger = get_logger(__name__)
@@ -246,7 +248,8 @@ def build_app(args: dict[str, Any]) -> Any:
             f"build_app args: unknown setting(s) {unknown}; use ServiceConfig or RayServeConfig field names "
             "(the flags of `python -m lora_retriever.service.ray_app --help`, without the dashes)"
         )
-    service = ServiceConfig(**{k: v for k, v in args.items() if k in service_names})
+    # The environment and $LORA_RETRIEVER_CONFIG apply here too; ``args`` wins over them, as flags do.
+    service = load_config(ServiceConfig, cli={k: v for k, v in args.items() if k in service_names})
     layout = RayServeConfig(**{k: v for k, v in args.items() if k in layout_names})
     return application(service, layout)
 
@@ -291,17 +294,32 @@ def run(service: ServiceConfig, layout: RayServeConfig, *, blocking: bool = True
     return url
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from lora_retriever.cli.args import command_parser, config_from_args
-    from lora_retriever.cli.errors import run_cli
+def build_parser() -> argparse.ArgumentParser:
+    """The flags of ``ServiceConfig`` (with ``--config FILE`` and ``LORA_RETRIEVER_*``, as ``lora-retriever serve``)
+    and of ``RayServeConfig``."""
+    from lora_retriever.cli.args import command_parser
 
     parser = command_parser(__doc__, ServiceConfig, RayServeConfig)
+    add_settings_flags(parser, ServiceConfig)  # flags > LORA_RETRIEVER_* > --config file > defaults
+    return parser
+
+
+def configs_from_args(args: argparse.Namespace) -> tuple[ServiceConfig, RayServeConfig]:
+    """The service's settings resolved as the embedded server resolves them, and the Ray layout from its flags."""
+    from lora_retriever.cli.args import config_from_args, config_kwargs
+
+    service = load_config(ServiceConfig, cli=config_kwargs(ServiceConfig, args), config_file=args.config)
+    return service, config_from_args(RayServeConfig, args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from lora_retriever.cli.errors import run_cli
 
     def command(args: argparse.Namespace) -> int:
-        run(config_from_args(ServiceConfig, args), config_from_args(RayServeConfig, args))
+        run(*configs_from_args(args))
         return 0
 
-    return run_cli(parser, command, argv)
+    return run_cli(build_parser(), command, argv)
 
 
 if __name__ == "__main__":

@@ -174,3 +174,21 @@ def test_flags_still_show_their_defaults_in_help():
         "(default: 16)"
     )
     assert actions["config"].help and "LORA_RETRIEVER_" in actions["config"].help
+
+
+def test_the_ray_deployment_resolves_settings_like_the_embedded_server(clean_env, tmp_path):
+    from lora_retriever.service import ray_app
+
+    toml = tmp_path / "service.toml"
+    toml.write_text("port = 8101\ntop_k = 2\nmax_wait_ms = 4.0\n")
+    clean_env.setenv("LORA_RETRIEVER_PORT", "8102")
+    argv = ["--config", str(toml), "--max_batch_size", "5", "--num_replicas", "3"]
+    service, layout = ray_app.configs_from_args(ray_app.build_parser().parse_args(argv))
+    assert service == from_command_line(*argv[:4])  # the same resolution as `lora-retriever serve`
+    assert (service.port, service.top_k, service.max_wait_ms, service.max_batch_size) == (8102, 2, 4.0, 5)
+    assert layout.num_replicas == 3
+    # The `serve run` / `serve deploy` builder: its args win over the environment, which still applies.
+    clean_env.setenv("LORA_RETRIEVER_TOP_K", "4")
+    clean_env.setattr(ray_app, "application", lambda service, layout: (service, layout))  # no Ray needed
+    service, layout = ray_app.build_app({"port": 8105, "num_replicas": 2})
+    assert (service.port, service.top_k, layout.num_replicas) == (8105, 4, 2)
