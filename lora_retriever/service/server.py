@@ -45,14 +45,14 @@ def serve(config: ServiceConfig, *, log_level: str = "info") -> None:
     jobs.start()
     try:
         app = create_app(engine, jobs, api_keys=keys)
+        url = f"http://{config.host}:{config.port}"
         logger.info(
-            "serving %s with %d adapters on http://%s:%d (OpenAI base_url: http://%s:%d/v1)",
+            "serving %s with %d adapters on %s (OpenAI base_url: %s/v1; dashboard: %s/ui/)",
             engine.base_name,
             len(engine.pool),
-            config.host,
-            config.port,
-            config.host,
-            config.port,
+            url,
+            url,
+            url,
         )
         uvicorn.run(app, host=config.host, port=config.port, log_level=log_level, timeout_graceful_shutdown=5)
     finally:
