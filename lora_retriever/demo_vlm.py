@@ -128,18 +128,32 @@ def adapter_configs(
 
 
 def _stamp(config: DemoVlmConfig, vlm_dir: Path, targets: list[str]) -> dict[str, Any]:
-    """What a cached adapter must have been trained with to be reused."""
-    return {**VLM_TRAIN_ARGS, "max_steps": config.steps, "target_modules": targets, "vlm": vlm_dir.name}
+    """What a cached adapter must have been trained with to be reused (the suite's version too: a VLM given
+    with ``--vlm_path`` keeps its name when the suite's images change)."""
+    from lora_retriever.tasks.multimodal.suite import SUITE_VERSION
+
+    return {
+        **VLM_TRAIN_ARGS,
+        "max_steps": config.steps,
+        "target_modules": targets,
+        "vlm": vlm_dir.name,
+        "suite_version": SUITE_VERSION,
+    }
 
 
 def build_suite(work_dir: Path, n_test: int, seed: int, progress: bool) -> Path:
     from lora_retriever.tasks.multimodal import write_multimodal_suite
+    from lora_retriever.tasks.multimodal.suite import SUITE_VERSION
 
     tasks_dir = work_dir / "tasks"
     manifest = tasks_dir / "manifest.json"
     if manifest.is_file():
         written = json.loads(manifest.read_text())
-        if written.get("seed") == seed and written.get("requested", {}).get("n_test") == n_test:
+        if (
+            written.get("suite_version") == SUITE_VERSION
+            and written.get("seed") == seed
+            and written.get("requested", {}).get("n_test") == n_test
+        ):
             logger.info("multimodal task suite: reusing %s", tasks_dir)
             return tasks_dir
     write_multimodal_suite(tasks_dir, seed=seed, n_test=n_test, overwrite=True, progress=progress)

@@ -17,6 +17,9 @@ from lora_retriever.tasks import is_correct
 from lora_retriever.tasks.__main__ import main as tasks_main
 from lora_retriever.tasks.multimodal import (
     CATEGORIES,
+    DEFAULT_N_KEYS,
+    DEFAULT_N_TEST,
+    DEFAULT_N_TRAIN,
     DOMAIN_NAMES,
     IMAGE_SIZE,
     MULTIMODAL_TASK_NAMES,
@@ -35,7 +38,7 @@ from lora_retriever.tasks.multimodal import (
 )
 from lora_retriever.tasks.multimodal.domains import BRIGHTNESS_MARGIN, BRIGHTNESS_THRESHOLD, luminance
 from lora_retriever.tasks.multimodal.partition import rng_for
-from lora_retriever.tasks.multimodal.screens import COLOURS, SHOP_COLUMNS
+from lora_retriever.tasks.multimodal.screens import ACCENTS, COLOURS, SHOP_COLUMNS
 from lora_retriever.tasks.multimodal.tasks import DIGIT_NAMES
 from lora_retriever.training.data import read_training_records
 
@@ -180,7 +183,10 @@ def test_few_class_tasks_are_balanced(splits):
     assert Counter(r.response for r in splits["digit_parity"].test) == {"even": 10, "odd": 10}
     assert Counter(r.response for r in splits["map_tap"].test) == {f"TAP({q})": 5 for q in range(1, 5)}
     assert Counter(r.response for r in splits["digit_value"].test) == {name: 2 for name in DIGIT_NAMES}
-    assert len({r.response for r in splits["counter_value"].test}) == 20  # many classes: all different
+    assert Counter(r.response for r in splits["counter_value"].test) == {str(n): 2 for n in range(10)}
+    weekdays = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday")
+    assert Counter(r.response for r in splits["calendar_day"].test) == {day: 4 for day in weekdays}
+    assert Counter(r.response for r in splits["calendar_tap"].test) == {f"TAP({n})": 4 for n in range(1, 6)}
 
 
 def _shop_answer(record) -> str:
@@ -207,14 +213,83 @@ def _shop_answer(record) -> str:
     return format_action("TAP", hits[0])
 
 
-def _calendar_day(record) -> int:
-    """The highlighted cell, found by its saturated colour in the grid (day 1 top left, 7 per row)."""
-    image = np.asarray(record.render()).astype(int)
-    saturated = (image.max(axis=2) - image.min(axis=2)) > 120
-    saturated[:12] = False  # the header bar
+_WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday")  # the calendar's cells, left to right
+_SEVEN_SEGMENTS = {  # lit segments (a top, b top right, c bottom right, d bottom, e bottom left, f top left,
+    "abcdef": 0,  # g middle) -> digit: the usual seven-segment font
+    "bc": 1,
+    "abdeg": 2,
+    "abcdg": 3,
+    "bcfg": 4,
+    "acdfg": 5,
+    "acdefg": 6,
+    "abc": 7,
+    "abcdefg": 8,
+    "abcdfg": 9,
+}
+
+
+def _at(image: Image.Image, size: int) -> np.ndarray:
+    """The image as the VLM sees it at ``size`` (the image processor resizes bicubic): ``[size, size, 3]``."""
+    if size != IMAGE_SIZE:
+        image = image.resize((size, size), Image.Resampling.BICUBIC)
+    return np.asarray(image).astype(int)
+
+
+def _calendar_day(image: Image.Image, size: int = IMAGE_SIZE) -> int:
+    """The highlighted cell (1-5 from the left), found by its saturated colour below the header bar: one
+    narrow column of it, in one fifth of the width."""
+    pixels = _at(image, size)
+    scale = size / IMAGE_SIZE
+    saturated = (pixels.max(axis=2) - pixels.min(axis=2)) > 120
+    saturated[: round(12 * scale)] = False  # the header bar (10 px at 64)
     ys, xs = np.nonzero(saturated)
-    row, col = int((ys.mean() - 12) // ((IMAGE_SIZE - 12) / 5)), int(xs.mean() // (IMAGE_SIZE / 7))
-    return row * 7 + col + 1
+    assert xs.max() - xs.min() <= 12 * scale and ys.max() - ys.min() >= 40 * scale  # one tall cell
+    return int(xs.mean() // (size / 5)) + 1
+
+
+def _counter_digit(image: Image.Image, style, size: int = IMAGE_SIZE) -> int:
+    """The digit whose segments are lit: the digit colour at each segment's middle, decoded with the usual
+    seven-segment font. The digit box is 22 x 34 px at 64 px, centred at x = 32 and 6.5 px from the top,
+    moved by the style's offset; strokes are 0.16 of its height."""
+    pixels, scale = _at(image, size), size / IMAGE_SIZE
+    dx, dy = style["offset"]
+    x0, y0, w, h = 32 + dx - 11, 6.5 + dy, 22.0, 34.0
+    t = 0.16 * h
+    middles = {
+        "a": (w / 2, t / 2),
+        "b": (w - t / 2, h / 4),
+        "c": (w - t / 2, 3 * h / 4),
+        "d": (w / 2, h - t / 2),
+        "e": (t / 2, 3 * h / 4),
+        "f": (t / 2, h / 4),
+        "g": (w / 2, h / 2),
+    }
+    ink = np.array(ACCENTS[style["ink"]])
+    lit = "".join(
+        segment
+        for segment, (mx, my) in middles.items()
+        if np.abs(pixels[int((y0 + my) * scale), int((x0 + mx) * scale)] - ink).max() < 40
+    )
+    assert lit in _SEVEN_SEGMENTS, lit
+    return _SEVEN_SEGMENTS[lit]
+
+
+def _clock_hour(image: Image.Image, style, size: int = IMAGE_SIZE) -> int:
+    """The hour whose direction (30 degrees per hour, 12 up) the hour hand's accent-coloured pixels lie in,
+    away from the hub. At 64 px the hand must be wide: at least 4 such pixels across for every pixel of its
+    length (the hairline hand of old had under 4)."""
+    pixels, scale = _at(image, size), size / IMAGE_SIZE
+    accent = np.array(ACCENTS[style["hands"]])
+    near = np.abs(pixels - accent).max(axis=2) < 12  # the hand's own colour, not anti-aliased ink
+    cy = (IMAGE_SIZE / 2 + style["centre"][1]) * scale - 0.5  # pixel centres sit at k + 0.5
+    cx = (IMAGE_SIZE / 2 + style["centre"][0]) * scale - 0.5
+    ys, xs = np.nonzero(near)
+    distance = np.hypot(ys - cy, xs - cx)
+    reach = 0.6 * style["radius"] * scale
+    far = (distance > 4 * scale) & (distance < reach + scale)  # along the hand, off the hub
+    assert far.sum() >= (4 if size == IMAGE_SIZE else 0.5) * (reach - 4 * scale), far.sum()  # a wide hand
+    angle = np.degrees(np.arctan2(xs[far].mean() - cx, cy - ys[far].mean())) % 360
+    return round(angle / 30) % 12 or 12
 
 
 def _map_quadrant(record) -> int:
@@ -240,8 +315,9 @@ def test_answers_agree_with_what_the_image_shows(splits):
         assert record.response == _shop_answer(record)
     for task in ("calendar_day", "calendar_tap"):
         for record in splits[task].test:
-            day = _calendar_day(record)
-            assert record.response == (str(day) if task == "calendar_day" else format_action("TAP", day))
+            day = _calendar_day(record.render())
+            expected = _WEEKDAYS[day - 1] if task == "calendar_day" else format_action("TAP", day)
+            assert record.response == expected, record.id
     for record in splits["map_tap"].test:
         assert record.response == format_action("TAP", _map_quadrant(record))
     for record in splits["photo_brightness"].test:
@@ -256,26 +332,54 @@ def test_answers_agree_with_what_the_image_shows(splits):
         crop = _photos()[record.response][y : y + size, x : x + size]
         assert crop.shape[:2] == (size, size) and record.response == record.item.style["photo"]
         assert photo.partition(record.item) == "test"
+    for record in splits["counter_value"].test:
+        assert record.response == str(_counter_digit(record.render(), record.item.style)), record.id
     for record in splits["counter_parity"].test:
-        assert record.response == ("even" if record.item.labels["number"] % 2 == 0 else "odd")
+        digit = _counter_digit(record.render(), record.item.style)
+        assert record.response == ("even" if digit % 2 == 0 else "odd"), record.id
 
 
 def test_clock_hand_points_at_the_hour(splits):
     """The hour hand's accent-coloured pixels lie in the direction of the answer (30 degrees per hour)."""
     for record in splits["clock_hour"].test:
-        image = np.asarray(record.render()).astype(int)
-        domain_style = record.item.style
-        from lora_retriever.tasks.multimodal.screens import ACCENTS
+        assert record.response == str(_clock_hour(record.render(), record.item.style)), record.id
 
-        accent = np.array(ACCENTS[domain_style["hands"]])
-        near = np.abs(image - accent).max(axis=2) < 12  # the hand's own colour, not anti-aliased ink
-        cy, cx = IMAGE_SIZE / 2 + domain_style["centre"][1], IMAGE_SIZE / 2 + domain_style["centre"][0]
-        ys, xs = np.nonzero(near)
-        distance = np.hypot(ys - cy, xs - cx)
-        far = (distance > 4) & (distance < 0.6 * domain_style["radius"] + 1)  # along the hand, off the hub
-        angle = np.degrees(np.arctan2(xs[far].mean() - cx, cy - ys[far].mean())) % 360
-        hour = round(angle / 30) % 12 or 12
-        assert record.response == str(hour), (record.id, angle)
+
+@pytest.mark.parametrize("name", ["calendar", "counter", "clock"])
+def test_screens_stay_legible_at_the_vlm_input_size(name):
+    """What the tasks ask about survives the bicubic resize to 32 x 32 (the built VLM's input): the same
+    pixel decoders read every label of 120 random screens of each kind, at 64 and at 32 px."""
+    domain, rng = get_domain(name), rng_for("legible", name)
+    items = [domain.sample(rng) for _ in range(120)]
+    for item in items:
+        image = domain.render(item)
+        for size in (IMAGE_SIZE, 32):
+            if name == "calendar":
+                assert _calendar_day(image, size) == item.labels["day"], (item.key, size)
+                assert item.labels["weekday"] == _WEEKDAYS[item.labels["day"] - 1]
+            elif name == "counter":
+                assert _counter_digit(image, item.style, size) == item.labels["number"], (item.key, size)
+            else:
+                assert _clock_hour(image, item.style, size) == item.labels["hour"], (item.key, size)
+    values = {"calendar": "day", "counter": "number", "clock": "hour"}[name]
+    assert len({item.labels[values] for item in items}) == {"calendar": 5, "counter": 10, "clock": 12}[name]
+
+
+@pytest.mark.parametrize("task", ["calendar_day", "calendar_tap", "counter_value"])
+def test_small_screen_domains_fill_the_default_splits_with_distinct_images(task):
+    """The calendar (5 cells x styles) and the one-digit counter are small domains: they still give the
+    default split sizes, balanced, with no image (pixels, not only keys) in two splits."""
+    s = build_image_splits(task, seed=0)
+    assert s.counts() == {"train": DEFAULT_N_TRAIN, "keys": DEFAULT_N_KEYS, "test": DEFAULT_N_TEST} | {
+        "test_alt": DEFAULT_N_TEST
+    }
+    answers = get_multimodal_task(task).answers
+    for split in ("train", "keys", "test"):
+        assert set(Counter(r.response for r in s.split(split))) == set(answers)
+    pixels = {split: [_pixels(r.render()) for r in s.split(split)] for split in ("train", "keys", "test")}
+    assert all(len(set(p)) == len(p) for p in pixels.values())  # distinct within a split
+    train, keys, test = (set(p) for p in pixels.values())
+    assert not train & keys and not train & test and not keys & test
 
 
 # ------------------------------------------------------------------------------------------------ actions
@@ -332,7 +436,7 @@ def test_caption_examples_cover_every_domain_and_are_seeded():
         "digits": ("digit",),
         "photo": ("photo", "lighting"),
         "clock": ("clock", "short hand"),
-        "calendar": ("calendar", "month"),
+        "calendar": ("calendar", "cell"),
         "shop": ("tile", "How many"),
         "counter": ("display",),
         "map": ("pin",),
@@ -344,6 +448,14 @@ def test_caption_examples_cover_every_domain_and_are_seeded():
     assert all(q in ("What digit is this?", "Which digit is written here?") for _, q, _ in digits)
     assert {a for _, _, a in digits} <= {str(d) for d in range(10)}
     assert {"3 o'clock", "top left"} & {a for _, _, a in caption_examples("train", 200, seed=0)}
+    # the counter's and the calendar's captions answer in another format than their reading tasks (the digit's
+    # name, the cell's position), so the base VLM trained on them leaves those tasks' adapters work to do
+    for domain, answers, task in (
+        ("counter", set(DIGIT_NAMES), "counter_value"),
+        ("calendar", {str(n) for n in range(1, 6)}, "calendar_day"),
+    ):
+        given = {a for _, _, a in caption_examples("train", 60, seed=0, domains=[domain])}
+        assert given == answers and not given & set(get_multimodal_task(task).answers)
 
 
 def test_caption_images_never_overlap_task_test_images():

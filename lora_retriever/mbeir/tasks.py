@@ -86,8 +86,8 @@ def _counter(item: ImageItem) -> str:
 def _calendar(item: ImageItem) -> str:
     s, labels = item.style, item.labels
     return (
-        f"a {s['theme']} calendar with a {s['header']} header: a {labels['days']}-day month with day "
-        f"{labels['day']} highlighted in {s['highlight']}"
+        f"a {s['theme']} work-week calendar with a {s['header']} header: {labels['weekday']} highlighted in "
+        f"{s['highlight']}"
     )
 
 

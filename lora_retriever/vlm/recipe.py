@@ -16,7 +16,7 @@ from typing import Any
 __all__ = ["BUILD_VERSION", "VISION_MODELS", "VlmRecipe"]
 
 #: Bump when a change to the build code changes the model it produces for an unchanged recipe.
-BUILD_VERSION = 1
+BUILD_VERSION = 2  # 2: redrawn screens (one-digit counter, work-week calendar, wide hour hand)
 #: Vision transformers the tower can be built from (transformers config classes).
 VISION_MODELS = ("clip", "siglip")
 

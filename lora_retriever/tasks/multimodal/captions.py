@@ -8,10 +8,13 @@
 
 The questions describe what an image shows (its labels) in wordings of their own, for every domain
 (``DOMAIN_NAMES``): digits ("What digit is this?" -> "7"), photo ("Which photo is this crop from?" ->
-"flower"), clock ("What time is it on this clock?" -> "3 o'clock"), calendar, shop ("What colour is the
-item on tile 2?" -> "red"), counter and map ("Where is the pin?" -> "top left"). The task suite's
-instructions ask about the same images in other wordings and answer formats (even/odd, ``TAP(n)``), which
-is what its adapters teach.
+"flower"), clock ("What time is it on this clock?" -> "3 o'clock"), calendar ("Which cell is highlighted,
+counting from the left?" -> "3"), shop ("What colour is the item on tile 2?" -> "red"), counter ("What digit
+does the display show?" -> "seven") and map ("Where is the pin?" -> "top left"). The task suite's
+instructions ask about the same images in other wordings and answer formats (a digit's name where the
+captions give the numeral and the reverse, a weekday's name where they give the cell's position, even/odd,
+``TAP(n)``), which is what its adapters teach: a base VLM trained on these captions does not already answer
+the tasks in their own format.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from lora_retriever.tasks.multimodal.domains import ImageItem
 from lora_retriever.tasks.multimodal.partition import iter_partition, rng_for
 from lora_retriever.tasks.multimodal.registry import DOMAIN_NAMES, get_domain
 from lora_retriever.tasks.multimodal.screens import SHAPES
+from lora_retriever.tasks.multimodal.tasks import DIGIT_NAMES
 
 __all__ = ["CAPTION_SPLITS", "CaptionExample", "caption_domains", "caption_examples", "caption_questions"]
 
@@ -61,9 +65,10 @@ def _clock(labels, rng) -> list[tuple[str, str]]:
 
 
 def _calendar(labels, rng) -> list[tuple[str, str]]:
+    cell = str(labels["day"])  # the position, not the weekday's name (calendar_day's answer)
     return [
-        ("Which day of this calendar is coloured?", str(labels["day"])),
-        ("How many days does this month have?", str(labels["days"])),
+        ("Which cell is highlighted, counting from the left?", cell),
+        ("Which day cell of this calendar is coloured?", cell),
     ]
 
 
@@ -81,7 +86,8 @@ def _shop(labels, rng) -> list[tuple[str, str]]:
 
 
 def _counter(labels, rng) -> list[tuple[str, str]]:
-    return [("What does the display read?", str(labels["number"]))]
+    name = DIGIT_NAMES[labels["number"]]  # the digit's name, not the numeral (counter_value's answer)
+    return [("What digit does the display show?", name), ("Which digit is on the counter's display?", name)]
 
 
 def _map(labels, rng) -> list[tuple[str, str]]:

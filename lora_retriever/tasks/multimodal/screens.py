@@ -3,8 +3,14 @@
 Each screen is drawn with PIL at ``SUPERSAMPLE`` times ``IMAGE_SIZE`` and box-filtered down, so edges are
 anti-aliased and thin strokes stay visible at 64 x 64. Numbers are drawn as seven-segment digits (plain
 rectangles), not with a font, so the pixels don't depend on a font file or a FreeType version. Layout facts
-a task relies on (tiles numbered 1-6 in reading order, map quadrants 1-4) are constants here, named in the
-tasks' descriptions.
+a task relies on (tiles numbered 1-6 in reading order, map quadrants 1-4, the calendar's weekdays Monday to
+Friday left to right) are constants here, named in the tasks' descriptions.
+
+The facts a task asks about are drawn large enough for the small VLM's vision tower, which sees these images
+at 32 x 32 in 8 x 8 patches (16 image tokens): the counter shows one digit as tall as its panel, the calendar
+is a strip of five day cells, each about 6 px wide at 32 px, and the clock's hour hand is about 3 px wide at
+32 px. (Two small digits of a 0-99 counter, the cells of a 7 x 5 month grid and a hairline hour hand were
+below what that tower resolves: docs/decisions.md section 14.)
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ __all__ = [
     "SHAPES",
     "SHOP_COLUMNS",
     "SHOP_ROWS",
+    "WEEKDAYS",
     "CalendarDomain",
     "ClockDomain",
     "CounterDomain",
@@ -44,7 +51,9 @@ THEMES = {  # background, panel, ink
 }
 ACCENTS = {"teal": (0, 150, 136), "purple": (120, 70, 190), "orange": (235, 120, 20), "slate": (90, 110, 130)}
 """Colours of header bars and other decoration (never an answer)."""
-CALENDAR_ROWS, CALENDAR_COLUMNS = 5, 7  # day 1 sits top left; days run left to right, top to bottom
+COUNTER_DIGIT = (22.0, 34.0)  # width, height of the counter's digit at IMAGE_SIZE scale
+WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday")
+"""The calendar's day cells, left to right (cell ``n`` is ``WEEKDAYS[n - 1]``)."""
 
 # Seven-segment digits: segments a (top), b (top right), c (bottom right), d (bottom), e (bottom left),
 # f (top left), g (middle).
@@ -108,9 +117,10 @@ def _key(*parts: Any) -> str:
 
 
 class ClockDomain(ImageDomain):
-    """An analogue clock at an exact hour: a short thick hour hand pointing at the hour, a long thin minute
-    hand pointing at 12, twelve tick marks. Labels: ``hour`` (1-12). Style: theme, face colour, hand colour
-    (an accent), position and radius."""
+    """An analogue clock at an exact hour: a short, wide hour hand in the accent colour pointing at the hour
+    (about 6 px wide and 0.6 of the radius long at 64 px, so 3 px wide where the VLM sees it at 32 px), a long
+    thin minute hand in ink pointing at 12, twelve thin tick marks. Labels: ``hour`` (1-12). Style: theme,
+    hand colour (an accent), radius and position."""
 
     name = "clock"
     description = "an analogue clock face showing a whole hour"
@@ -135,55 +145,54 @@ class ClockDomain(ImageDomain):
         )
         for tick in range(12):
             angle = math.radians(tick * 30)
-            outer, inner = r - 2, r - (5 if tick % 3 == 0 else 3.5)
+            outer, inner = r - 1.5, r - (4.5 if tick % 3 == 0 else 3)
             draw.line(
                 [_px(cx + inner * math.sin(angle)), _px(cy - inner * math.cos(angle)),
                  _px(cx + outer * math.sin(angle)), _px(cy - outer * math.cos(angle))],
-                fill=ink, width=_px(1),
+                fill=ink, width=_px(0.75),
             )  # fmt: skip
         hands = ACCENTS[item.style["hands"]]
-        draw.line([_px(cx), _px(cy), _px(cx), _px(cy - 0.85 * r)], fill=ink, width=_px(1.2))
+        draw.line([_px(cx), _px(cy), _px(cx), _px(cy - 0.85 * r)], fill=ink, width=_px(1))
         angle = math.radians(item.labels["hour"] % 12 * 30)
-        tip = (cx + 0.55 * r * math.sin(angle), cy - 0.55 * r * math.cos(angle))
-        draw.line([_px(cx), _px(cy), _px(tip[0]), _px(tip[1])], fill=hands, width=_px(3.5))
-        draw.ellipse([_px(cx - 2), _px(cy - 2), _px(cx + 2), _px(cy + 2)], fill=hands)
+        width = 6.0
+        tip = (cx + 0.6 * r * math.sin(angle), cy - 0.6 * r * math.cos(angle))
+        draw.line([_px(cx), _px(cy), _px(tip[0]), _px(tip[1])], fill=hands, width=_px(width))
+        for x, y, half in ((tip[0], tip[1], width / 2), (cx, cy, width / 2 + 0.5)):  # round tip, hub
+            draw.ellipse([_px(x - half), _px(y - half), _px(x + half), _px(y + half)], fill=hands)
         return _finish(image)
 
 
 class CalendarDomain(ImageDomain):
-    """A month view: a header bar, then a 7 x 5 grid of day cells (day 1 top left, days in reading order),
-    cells past the month's length left empty, one day highlighted. Labels: ``day`` (the highlighted day),
-    ``days`` (the month's length, 28-31). Style: theme, header colour, highlight colour, weekend shading."""
+    """A work-week calendar: a header bar, then a strip of five large day cells side by side, Monday to
+    Friday left to right (``WEEKDAYS``), exactly one highlighted. Each cell is 11 px wide and 46 px tall at
+    64 px (about 6 x 23 px where the VLM sees it at 32 px). Labels: ``day`` (the highlighted cell's position,
+    1-5 from the left), ``weekday`` (its name, ``"Monday"``-``"Friday"``). Style: theme, header colour (an
+    accent), highlight colour (red or blue), the strip's offset (a few pixels either way)."""
 
     name = "calendar"
-    description = "a calendar month grid with one highlighted day"
+    description = "a work-week calendar (Monday to Friday) with one highlighted day"
 
     def sample(self, rng: random.Random) -> ImageItem:
-        days = rng.randint(28, 31)
         style = {
             "theme": rng.choice(sorted(THEMES)),
             "header": rng.choice(sorted(ACCENTS)),
             "highlight": rng.choice(("red", "blue")),
-            "weekend": rng.random() < 0.5,
+            "offset": [rng.randint(-2, 2), rng.randint(-2, 2)],
         }
-        day = rng.randint(1, days)
-        return ImageItem(self.name, _key(day, days, *style.values()), {"day": day, "days": days}, style)
+        day = rng.randint(1, len(WEEKDAYS))
+        labels = {"day": day, "weekday": WEEKDAYS[day - 1]}
+        return ImageItem(self.name, _key(day, *style.values()), labels, style)
 
     def render(self, item: ImageItem) -> Image.Image:
         background, panel, ink = THEMES[item.style["theme"]]
         image, draw = _canvas(background)
         _header(draw, ACCENTS[item.style["header"]], 10)
-        top, cell_w, cell_h = 12.0, IMAGE_SIZE / CALENDAR_COLUMNS, (IMAGE_SIZE - 12.0) / CALENDAR_ROWS
-        for day in range(1, item.labels["days"] + 1):
-            row, col = divmod(day - 1, CALENDAR_COLUMNS)
-            x0, y0 = col * cell_w + 0.75, top + row * cell_h + 0.75
-            box = [_px(x0), _px(y0), _px(x0 + cell_w - 1.5) - 1, _px(y0 + cell_h - 1.5) - 1]
-            if day == item.labels["day"]:
-                fill = COLOURS[item.style["highlight"]]
-            elif item.style["weekend"] and col >= 5:
-                fill = tuple((a + b) // 2 for a, b in zip(panel, ink))
-            else:
-                fill = panel
+        dx, dy = item.style["offset"]
+        left, top, pitch, width, height = 2.0 + dx, 14.0 + dy, 12.0, 11.0, 46.0
+        for day in range(1, len(WEEKDAYS) + 1):
+            x0 = left + (day - 1) * pitch
+            box = [_px(x0), _px(top), _px(x0 + width) - 1, _px(top + height) - 1]
+            fill = COLOURS[item.style["highlight"]] if day == item.labels["day"] else panel
             draw.rectangle(box, fill=fill, outline=ink, width=_px(0.5))
         return _finish(image)
 
@@ -229,37 +238,35 @@ class ShopDomain(ImageDomain):
 
 
 class CounterDomain(ImageDomain):
-    """A counter app: a panel showing a number 0-99 in seven-segment digits (no leading zero), with "-" and
-    "+" buttons below. Labels: ``number``. Style: theme, digit colour (an accent), offset."""
+    """A counter app: a panel showing one large seven-segment digit 0-9 (22 x 34 px at 64 px, nearly the
+    panel's height), with "-" and "+" buttons below. Labels: ``number`` (0-9). Style: theme, digit colour
+    (an accent), offset."""
 
     name = "counter"
-    description = "a counter app showing a number in seven-segment digits"
+    description = "a counter app showing one digit on a seven-segment display"
 
     def sample(self, rng: random.Random) -> ImageItem:
         style = {
             "theme": rng.choice(sorted(THEMES)),
             "ink": rng.choice(sorted(ACCENTS)),
-            "offset": [rng.randint(-4, 4), rng.randint(-3, 3)],
+            "offset": [rng.randint(-4, 4), rng.randint(-2, 2)],
         }
-        number = rng.randint(0, 99)
+        number = rng.randint(0, 9)
         return ImageItem(self.name, _key(number, *style.values()), {"number": number}, style)
 
     def render(self, item: ImageItem) -> Image.Image:
         background, panel, ink = THEMES[item.style["theme"]]
         image, draw = _canvas(background)
         dx, dy = item.style["offset"]
-        draw.rectangle([_px(8 + dx), _px(6 + dy), _px(56 + dx) - 1, _px(42 + dy) - 1], fill=panel)
-        digits = [int(c) for c in str(item.labels["number"])]
-        width, height, gap = 14.0, 26.0, 4.0
-        x = 32 + dx - (len(digits) * width + (len(digits) - 1) * gap) / 2
-        for digit in digits:
-            draw_digit(draw, digit, x, 11 + dy, width, height, ACCENTS[item.style["ink"]])
-            x += width + gap
-        for bx, sign in ((14, "-"), (42, "+")):  # the buttons: a bar, and a cross
-            draw.ellipse([_px(bx + dx - 6), _px(47), _px(bx + dx + 6), _px(59)], fill=panel, outline=ink)
-            draw.rectangle([_px(bx + dx - 3.5), _px(52.5), _px(bx + dx + 3.5), _px(53.5)], fill=ink)
+        draw.rectangle([_px(12 + dx), _px(3 + dy), _px(52 + dx) - 1, _px(44 + dy) - 1], fill=panel)
+        width, height = COUNTER_DIGIT
+        colour = ACCENTS[item.style["ink"]]
+        draw_digit(draw, item.labels["number"], 32 + dx - width / 2, 6.5 + dy, width, height, colour)
+        for bx, sign in ((18, "-"), (46, "+")):  # the buttons: a bar, and a cross
+            draw.ellipse([_px(bx + dx - 6), _px(48), _px(bx + dx + 6), _px(60)], fill=panel, outline=ink)
+            draw.rectangle([_px(bx + dx - 3.5), _px(53.5), _px(bx + dx + 3.5), _px(54.5)], fill=ink)
             if sign == "+":
-                draw.rectangle([_px(bx + dx - 0.5), _px(49.5), _px(bx + dx + 0.5), _px(56.5)], fill=ink)
+                draw.rectangle([_px(bx + dx - 0.5), _px(50.5), _px(bx + dx + 0.5), _px(57.5)], fill=ink)
         return _finish(image)
 
 

@@ -13,7 +13,8 @@ Layout of ``out_dir``::
     categories/<category>/keys.jsonl    n_keys key samples dealt evenly from its tasks' keys
     test_mixed.jsonl                every task's test records, shuffled (seeded)
     test_mixed_alt.jsonl            the same shuffle applied to the test_alt records (row i <-> row i)
-    manifest.json                   seed, counts, image size, tasks, categories, wordings, package versions
+    manifest.json                   suite version, seed, counts, image size, tasks, categories, wordings,
+                                    package versions
 
 Image paths are relative to the JSONL file's folder (how the readers resolve them). The output holds no
 dates or absolute paths: the same seed and package versions (scikit-learn, Pillow) give identical bytes.
@@ -46,9 +47,13 @@ from swift.utils import get_logger
 
 logger = get_logger(__name__)
 
-__all__ = ["MANIFEST_NAME", "MIXED_FILES", "write_multimodal_suite"]
+__all__ = ["MANIFEST_NAME", "MIXED_FILES", "SUITE_VERSION", "write_multimodal_suite"]
 
 MANIFEST_NAME = "manifest.json"
+#: Bump when the same seed and counts would write other images, questions or answers (a cached suite, and
+#: what was trained on it, is stale then). 2: legible screens (one-digit counter, work-week calendar, wide
+#: hour hand).
+SUITE_VERSION = 2
 MIXED_FILES = {"test": "test_mixed.jsonl", "test_alt": "test_mixed_alt.jsonl"}
 DATA_SOURCES = ("scikit-learn", "pillow")  # the digits and photos, and the PNG encoder
 _TEST_SPLITS = frozenset({"test", "test_alt"})
@@ -139,6 +144,7 @@ def _write_all(
     mixed = _write_mixed(root, all_splits, image_paths, seed)
     manifest = {
         "suite": "multimodal",
+        "suite_version": SUITE_VERSION,
         "seed": seed,
         "requested": requested,
         "image_size": IMAGE_SIZE,

@@ -6,10 +6,11 @@ The suite is built so that neither modality alone tells the task apart:
   ("What number is shown?"), so do ``digit_parity`` and ``counter_parity``, and ``calendar_tap`` and
   ``map_tap`` share one ("What do you tap to open the marked item?");
 * the same domain under different instructions: digits (value / parity), counter (value / parity),
-  calendar (which day / tap the day), photo (which photo / bright or dark).
+  calendar (which weekday is highlighted / tap the highlighted day), photo (which photo / bright or dark).
 
-Categories (one category adapter each, trained on the union of its tasks): ``reading`` (read a number or
-an hour), ``parity`` (even or odd), ``screen_actions`` (next action ``TAP(n)`` on an app screen), ``photos``.
+Categories (one category adapter each, trained on the union of its tasks): ``reading`` (read a number, an
+hour or a weekday), ``parity`` (even or odd), ``screen_actions`` (next action ``TAP(n)`` on an app screen),
+``photos``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any, ClassVar
 from lora_retriever.metrics import exact_match, normalize_answer
 from lora_retriever.tasks.multimodal.actions import TAP, format_action, normalize_action
 from lora_retriever.tasks.multimodal.domains import ImageItem
+from lora_retriever.tasks.multimodal.screens import WEEKDAYS
 
 __all__ = [
     "CalendarDayTask",
@@ -133,11 +135,11 @@ class DigitValueTask(ImageTask):
 
 class CounterValueTask(ImageTask):
     name = "counter_value"
-    description = "Read the number on a counter app's seven-segment display and answer with it (0-99)."
+    description = "Read the digit on a counter app's seven-segment display and answer with the numeral (0-9)."
     category = "reading"
     domain = "counter"
     train_templates, alt_templates = _NUMBER_WORDINGS, _NUMBER_ALT
-    answers = tuple(str(n) for n in range(100))
+    answers = tuple(str(n) for n in range(10))
 
     def answer(self, item: ImageItem) -> str:
         return str(item.labels["number"])
@@ -167,24 +169,27 @@ class ClockHourTask(ImageTask):
 
 class CalendarDayTask(ImageTask):
     name = "calendar_day"
-    description = "Say which day of the month a calendar highlights (1-31; day 1 is the top-left cell)."
+    description = (
+        "Say which weekday a work-week calendar highlights (its cells are Monday to Friday, left to right); "
+        "answer with the weekday's name."
+    )
     category = "reading"
     domain = "calendar"
     train_templates = (
-        "Which day is highlighted?",
-        "What is the highlighted date?",
-        "Which day of the month is marked?",
-        "What number is the highlighted day?",
+        "Which weekday is highlighted?",
+        "What day of the week is marked on the calendar?",
+        "Which day of the week is highlighted here?",
+        "Name the highlighted weekday.",
     )
     alt_templates = (
-        "Tell me the date that is marked on the calendar.",
-        "The calendar highlights which day?",
-        "Which date stands out on this calendar?",
+        "Tell me the weekday that stands out on this calendar.",
+        "The calendar marks which day of the week?",
+        "Which weekday has been selected in this week view?",
     )
-    answers = tuple(str(d) for d in range(1, 32))
+    answers = WEEKDAYS
 
     def answer(self, item: ImageItem) -> str:
-        return str(item.labels["day"])
+        return item.labels["weekday"]
 
 
 class DigitParityTask(ImageTask):
@@ -243,7 +248,10 @@ class ShopTapTask(ImageTask):
 
 class CalendarTapTask(ImageTask):
     name = "calendar_tap"
-    description = "Next action on a calendar: tap the highlighted day to open its event; answer TAP(day)."
+    description = (
+        "Next action on a work-week calendar: tap the highlighted day (cells 1-5, Monday to Friday, left to "
+        "right) to open its event; answer TAP(n)."
+    )
     category = "screen_actions"
     domain = "calendar"
     train_templates = (
@@ -257,7 +265,7 @@ class CalendarTapTask(ImageTask):
         "To view the marked event, what should you tap?",
         "What do you press to open the day that is highlighted?",
     )
-    answers = tuple(format_action(TAP, d) for d in range(1, 32))
+    answers = tuple(format_action(TAP, d) for d in range(1, len(WEEKDAYS) + 1))
     scoring = "action"
 
     def answer(self, item: ImageItem) -> str:
