@@ -11,6 +11,10 @@ from lora_retriever.service.metrics import ServiceMetrics
 from lora_retriever.service.scheduler import GenerationRequest, RequestHandle, Scheduler
 
 
+def _handle(loop, token=1):
+    return RequestHandle(GenerationRequest(prompt_ids=[token], adapters=[], max_tokens=1), loop)
+
+
 def _run(arrival_gaps_s, *, max_wait_ms, max_prepare_wait_ms, max_batch_size=64, batch_cost_s=0.0):
     """Submit one request after each gap; return the batch sizes the scheduler formed."""
     sizes, done = [], threading.Event()
@@ -34,7 +38,7 @@ def _run(arrival_gaps_s, *, max_wait_ms, max_prepare_wait_ms, max_batch_size=64,
     try:
         for gap in arrival_gaps_s:
             time.sleep(gap)
-            scheduler.submit(RequestHandle(GenerationRequest(prompt_ids=[1], adapters=[], max_tokens=1), loop))
+            scheduler.submit(_handle(loop))
         assert done.wait(10), sizes
     finally:
         scheduler.stop()
@@ -71,9 +75,9 @@ def test_preparing_requests_hold_the_window_until_submitted():
     loop = asyncio.new_event_loop()
     try:
         with scheduler.preparing():  # received, still being tokenized: 200 ms, twenty times max_wait
-            scheduler.submit(RequestHandle(GenerationRequest(prompt_ids=[1], adapters=[], max_tokens=1), loop))
+            scheduler.submit(_handle(loop))
             time.sleep(0.2)
-            scheduler.submit(RequestHandle(GenerationRequest(prompt_ids=[2], adapters=[], max_tokens=1), loop))
+            scheduler.submit(_handle(loop, 2))
         assert done.wait(5)
     finally:
         scheduler.stop()
