@@ -14,7 +14,8 @@ Start (local single-node Ray; ``--address auto`` joins a cluster started with ``
     curl -s localhost:8000/v1/models
 
 The service's settings resolve as ``lora-retriever serve`` resolves them (flags > ``LORA_RETRIEVER_*`` >
-``--config FILE`` > defaults). A Serve config file (``serve deploy``) names ``lora_retriever.service.ray_app:build_app`` with the same
+``--config FILE`` > defaults). A Serve config file (``serve deploy``) names
+``lora_retriever.service.ray_app:build_app`` with the same
 settings as ``args`` (``deploy/serve.yaml``; docs/deploy.md has the multi-node recipe).
 
 What the deployment does not do: jobs (``/train``, ``/evaluate``: run them with ``lora-retriever-serve`` or

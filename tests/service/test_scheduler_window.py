@@ -47,12 +47,13 @@ def _run(arrival_gaps_s, *, max_wait_ms, max_prepare_wait_ms, max_batch_size=64,
 
 
 def test_a_burst_arriving_over_more_than_max_wait_is_one_batch():
-    # 12 requests 5 ms apart span 55 ms, over five times max_wait: each arrival keeps the window open.
-    assert _run([0.0] + [0.005] * 11, max_wait_ms=20, max_prepare_wait_ms=1000) == [12]
+    # 12 requests 10 ms apart span 110 ms, over twice max_wait: each arrival keeps the window open (a sleep
+    # may overshoot by up to 40 ms on a loaded machine before the burst would split).
+    assert _run([0.0] + [0.01] * 11, max_wait_ms=50, max_prepare_wait_ms=2000) == [12]
 
 
 def test_a_quiet_gap_longer_than_max_wait_closes_the_batch():
-    assert _run([0.0, 0.005, 0.005, 0.3, 0.005], max_wait_ms=20, max_prepare_wait_ms=1000) == [3, 2]
+    assert _run([0.0, 0.01, 0.01, 0.6, 0.01], max_wait_ms=50, max_prepare_wait_ms=2000) == [3, 2]
 
 
 def test_a_steady_stream_cannot_hold_a_batch_open_past_max_prepare_wait():
